@@ -1,0 +1,69 @@
+"""The whisper-gpu integration: speech-to-text on a self-hosted Whisper server."""
+
+from homeassistant.const import Platform
+from homeassistant.core import HomeAssistant
+from homeassistant.exceptions import ConfigEntryNotReady
+from homeassistant.helpers import issue_registry as ir
+
+from .api import WhisperGpuError
+from .const import (
+    DOMAIN,
+    ENTRY_MINOR_VERSION,
+    ENTRY_VERSION,
+    LOGGER,
+)
+from .coordinator import WhisperGpuCoordinator, model_failed_issue_id
+from .data import WhisperGpuConfigEntry, WhisperGpuData, create_client
+
+PLATFORMS = [Platform.SELECT, Platform.SENSOR, Platform.STT]
+
+
+async def async_setup_entry(hass: HomeAssistant, entry: WhisperGpuConfigEntry) -> bool:
+    """Connect to the server and set up its entities."""
+    client = create_client(hass, entry.data)
+    coordinator = WhisperGpuCoordinator(hass, entry, client)
+    await coordinator.async_config_entry_first_refresh()
+    try:
+        asr = await client.async_describe()
+    except WhisperGpuError as err:
+        raise ConfigEntryNotReady(
+            translation_domain=DOMAIN,
+            translation_key="wyoming_unreachable",
+            translation_placeholders={"error": str(err)},
+        ) from err
+
+    entry.runtime_data = WhisperGpuData(client=client, coordinator=coordinator, asr=asr)
+    await hass.config_entries.async_forward_entry_setups(entry, PLATFORMS)
+    return True
+
+
+async def async_unload_entry(hass: HomeAssistant, entry: WhisperGpuConfigEntry) -> bool:
+    """Unload the entities; the repair issue of the server goes with them."""
+    if unloaded := await hass.config_entries.async_unload_platforms(entry, PLATFORMS):
+        ir.async_delete_issue(hass, DOMAIN, model_failed_issue_id(entry))
+    return unloaded
+
+
+async def async_migrate_entry(
+    hass: HomeAssistant, entry: WhisperGpuConfigEntry
+) -> bool:
+    """Bring an entry stored by an older version of the integration up to date."""
+    if entry.version > ENTRY_VERSION:
+        # Stored by a newer version of the integration: cannot downgrade.
+        LOGGER.error(
+            "Cannot load %s: stored by a newer version (%s.%s) of this integration",
+            entry.title,
+            entry.version,
+            entry.minor_version,
+        )
+        return False
+
+    # Version 1.1 is the first stored format; later changes convert here, step by
+    # step, e.g. `if entry.minor_version < 2: ...`.
+    hass.config_entries.async_update_entry(
+        entry, version=ENTRY_VERSION, minor_version=ENTRY_MINOR_VERSION
+    )
+    LOGGER.debug(
+        "Migrated %s to version %s.%s", entry.title, ENTRY_VERSION, ENTRY_MINOR_VERSION
+    )
+    return True

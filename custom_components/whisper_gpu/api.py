@@ -1,0 +1,333 @@
+"""Client for a whisper-gpu server: its HTTP control API and its Wyoming port."""
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterable, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import aiohttp
+from wyoming.asr import Transcribe, Transcript
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.client import AsyncTcpClient
+from wyoming.error import Error
+from wyoming.info import AsrProgram, Describe, Info
+from yarl import URL
+
+from .const import SAMPLE_CHANNELS, SAMPLE_RATE, SAMPLE_WIDTH
+
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=10)
+CONNECT_TIMEOUT = 10.0
+DESCRIBE_TIMEOUT = 10.0
+# How long the server may take for the transcript once the audio has ended.
+RESULT_TIMEOUT = 60.0
+
+
+class WhisperGpuError(Exception):
+    """Base class for errors talking to a whisper-gpu server."""
+
+
+class WhisperGpuConnectionError(WhisperGpuError):
+    """The server cannot be reached, or the connection broke."""
+
+
+class WhisperGpuAuthError(WhisperGpuError):
+    """The server rejected the control token."""
+
+
+class WhisperGpuResponseError(WhisperGpuError):
+    """The server answered something a whisper-gpu server does not answer."""
+
+
+class WhisperGpuSettingsError(WhisperGpuError):
+    """The server refused a settings change."""
+
+    def __init__(self, errors: Mapping[str, str]) -> None:
+        """Keep the server's error codes, keyed by setting name or "base"."""
+        super().__init__(", ".join(f"{key}: {code}" for key, code in errors.items()))
+        self.errors = dict(errors)
+
+
+class WhisperGpuTranscriptionError(WhisperGpuError):
+    """The server answered a transcription with an error event."""
+
+    def __init__(self, text: str, code: str | None) -> None:
+        """Keep the server's error text and code."""
+        super().__init__(f"{text} ({code})" if code else text)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelInfo:
+    """A model the server knows (from GET /api/v1/info)."""
+
+    name: str
+    usable: bool
+    loaded: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerInfo:
+    """What GET /api/v1/info says about the server."""
+
+    server_id: str
+    name: str
+    version: str
+    device_name: str | None
+    compute_types: list[str]
+    models: list[ModelInfo]
+    languages: list[str]
+    settings_schema: dict[str, dict[str, Any]]
+    raw: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, data: Any) -> ServerInfo:
+        """Parse the answer; raise WhisperGpuResponseError if it is not one."""
+        try:
+            return cls(
+                server_id=_str(data["server_id"]),
+                name=_str(data["name"]),
+                version=_str(data["version"]),
+                device_name=data.get("device", {}).get("name"),
+                compute_types=[_str(item) for item in data["compute_types"]],
+                models=[
+                    ModelInfo(
+                        name=_str(model["name"]),
+                        usable=bool(model.get("usable", True)),
+                        loaded=bool(model.get("loaded", False)),
+                    )
+                    for model in data["models"]
+                ],
+                languages=[_str(item) for item in data["languages"]],
+                settings_schema=dict(data["settings"]),
+                raw=data,
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise WhisperGpuResponseError(
+                f"Not the info of a whisper-gpu server: {err!r}"
+            ) from err
+
+    @property
+    def usable_models(self) -> list[str]:
+        """Names of the models that fit this server's device."""
+        return [model.name for model in self.models if model.usable]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerStatus:
+    """What GET /api/v1/status says about the model and the requests."""
+
+    state: str
+    model: str | None
+    target: str | None
+    error_code: str | None
+    error_message: str | None
+    last_request_ms: float | None
+    raw: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, data: Any) -> ServerStatus:
+        """Parse the answer; raise WhisperGpuResponseError if it is not one."""
+        try:
+            model = data["model"] or {}
+            error = data.get("error") or {}
+            last_request = data.get("last_request") or {}
+            return cls(
+                state=_str(data["state"]),
+                model=model.get("name"),
+                target=data.get("target"),
+                error_code=error.get("code"),
+                error_message=error.get("message"),
+                last_request_ms=last_request.get("duration_ms"),
+                raw=data,
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise WhisperGpuResponseError(
+                f"Not the status of a whisper-gpu server: {err!r}"
+            ) from err
+
+
+def _str(value: Any) -> str:
+    """Return value if it is a string, else raise TypeError."""
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value
+
+
+class WhisperGpuClient:
+    """Talks to one whisper-gpu server."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        host: str,
+        *,
+        wyoming_port: int,
+        control_port: int,
+        token: str,
+    ) -> None:
+        """Set up the client; nothing is sent yet."""
+        self._session = session
+        self.host = host
+        self.wyoming_port = wyoming_port
+        self._base_url = URL.build(scheme="http", host=host, port=control_port)
+        self._token = token
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Mapping[str, Any] | None = None,
+        auth: bool = False,
+    ) -> tuple[int, Any]:
+        """Send one request; return the status and the JSON body (None if none)."""
+        headers = {"Authorization": f"Bearer {self._token}"} if auth else {}
+        try:
+            async with self._session.request(
+                method,
+                self._base_url.with_path(path),
+                json=json,
+                headers=headers,
+                timeout=REQUEST_TIMEOUT,
+            ) as response:
+                try:
+                    body = await response.json(content_type=None)
+                except ValueError:
+                    body = None
+                return response.status, body
+        except (aiohttp.ClientError, TimeoutError) as err:
+            raise WhisperGpuConnectionError(f"{method} {path} failed: {err!r}") from err
+
+    async def async_get_info(self) -> ServerInfo:
+        """Read the server's id, models, languages and settings schema."""
+        status, body = await self._request("GET", "/api/v1/info")
+        if status != HTTPStatus.OK:
+            raise WhisperGpuResponseError(f"GET /api/v1/info answered {status}")
+        return ServerInfo.from_json(body)
+
+    async def async_get_status(self) -> ServerStatus:
+        """Read the model state and the last request."""
+        status, body = await self._request("GET", "/api/v1/status")
+        if status != HTTPStatus.OK:
+            raise WhisperGpuResponseError(f"GET /api/v1/status answered {status}")
+        return ServerStatus.from_json(body)
+
+    async def async_get_settings(self) -> dict[str, Any]:
+        """Read the runtime settings, keyed by name."""
+        status, body = await self._request("GET", "/api/v1/settings")
+        if status != HTTPStatus.OK or not isinstance(body, dict):
+            raise WhisperGpuResponseError(f"GET /api/v1/settings answered {status}")
+        settings = body.get("settings")
+        if not isinstance(settings, dict):
+            raise WhisperGpuResponseError("GET /api/v1/settings has no settings")
+        return settings
+
+    async def async_check_auth(self) -> None:
+        """Raise WhisperGpuAuthError unless the server accepts the token."""
+        status, _ = await self._request("GET", "/api/v1/auth", auth=True)
+        if status == HTTPStatus.UNAUTHORIZED:
+            raise WhisperGpuAuthError("The server rejected the token")
+        if status != HTTPStatus.NO_CONTENT:
+            raise WhisperGpuResponseError(f"GET /api/v1/auth answered {status}")
+
+    async def async_update_settings(self, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Change settings; return all settings as the server now has them."""
+        status, body = await self._request(
+            "PATCH", "/api/v1/settings", json=changes, auth=True
+        )
+        if status == HTTPStatus.OK and isinstance(body, dict):
+            return dict(body.get("settings") or {})
+        if status == HTTPStatus.UNAUTHORIZED:
+            raise WhisperGpuAuthError("The server rejected the token")
+        if status == HTTPStatus.BAD_REQUEST and isinstance(body, dict):
+            raise WhisperGpuSettingsError(body.get("errors") or {"base": "unknown"})
+        if status in (HTTPStatus.CONFLICT, HTTPStatus.REQUEST_ENTITY_TOO_LARGE):
+            code = body.get("error") if isinstance(body, dict) else None
+            raise WhisperGpuSettingsError({"base": code or "unknown"})
+        raise WhisperGpuResponseError(f"PATCH /api/v1/settings answered {status}")
+
+    async def async_describe(self) -> AsrProgram:
+        """Ask the Wyoming port what speech-to-text program it serves."""
+        try:
+            async with (
+                asyncio.timeout(DESCRIBE_TIMEOUT),
+                AsyncTcpClient(self.host, self.wyoming_port) as client,
+            ):
+                await client.write_event(Describe().event())
+                while (event := await client.read_event()) is not None:
+                    if Info.is_type(event.type):
+                        info = Info.from_event(event)
+                        if not info.asr:
+                            raise WhisperGpuResponseError("The server has no asr")
+                        return info.asr[0]
+        except (OSError, TimeoutError) as err:
+            raise WhisperGpuConnectionError(
+                f"Wyoming describe failed: {err!r}"
+            ) from err
+        raise WhisperGpuConnectionError("The Wyoming connection closed")
+
+    async def async_transcribe(
+        self, audio: AsyncIterable[bytes], language: str | None
+    ) -> str:
+        """Stream 16 kHz 16-bit mono audio to the server; return its transcript.
+
+        The upload and the read run at the same time, so an error that the server
+        sends before the audio ends (an unsupported language, no model) stops the
+        upload at once.
+        """
+        try:
+            async with AsyncTcpClient(self.host, self.wyoming_port) as client:
+                await client.write_event(Transcribe(language=language).event())
+                await client.write_event(
+                    AudioStart(
+                        rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=SAMPLE_CHANNELS
+                    ).event()
+                )
+                upload = asyncio.create_task(_async_upload(client, audio))
+                receive = asyncio.create_task(_async_receive_transcript(client))
+                try:
+                    await asyncio.wait(
+                        (upload, receive), return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if not receive.done():
+                        upload.result()
+                        async with asyncio.timeout(RESULT_TIMEOUT):
+                            return await receive
+                    return receive.result()
+                finally:
+                    upload.cancel()
+                    receive.cancel()
+                    await asyncio.gather(upload, receive, return_exceptions=True)
+        except (OSError, TimeoutError) as err:
+            raise WhisperGpuConnectionError(f"Transcription failed: {err!r}") from err
+
+
+async def _async_upload(client: AsyncTcpClient, audio: AsyncIterable[bytes]) -> None:
+    """Send the audio as it arrives, then audio-stop."""
+    iterator = aiter(audio)
+    try:
+        async for chunk in iterator:
+            await client.write_event(
+                AudioChunk(
+                    rate=SAMPLE_RATE,
+                    width=SAMPLE_WIDTH,
+                    channels=SAMPLE_CHANNELS,
+                    audio=chunk,
+                ).event()
+            )
+        await client.write_event(AudioStop().event())
+    finally:
+        if isinstance(iterator, AsyncGenerator):
+            await iterator.aclose()
+
+
+async def _async_receive_transcript(client: AsyncTcpClient) -> str:
+    """Read events until the transcript or an error arrives."""
+    while (event := await client.read_event()) is not None:
+        if Transcript.is_type(event.type):
+            return Transcript.from_event(event).text
+        if Error.is_type(event.type):
+            error = Error.from_event(event)
+            raise WhisperGpuTranscriptionError(error.text, error.code)
+    raise WhisperGpuConnectionError("The server closed the connection")

@@ -1,0 +1,438 @@
+"""Config flow and options flow of the whisper-gpu integration."""
+
+from collections.abc import Mapping
+from typing import Any, override
+
+import probatio
+
+from homeassistant.config_entries import (
+    SOURCE_HASSIO,
+    ConfigEntry,
+    ConfigEntryState,
+    ConfigFlow,
+    ConfigFlowResult,
+    OptionsFlow,
+)
+from homeassistant.const import CONF_HOST, CONF_TOKEN
+from homeassistant.core import callback
+from homeassistant.data_entry_flow import section
+from homeassistant.helpers.selector import (
+    NumberSelector,
+    NumberSelectorConfig,
+    NumberSelectorMode,
+    SelectSelector,
+    SelectSelectorConfig,
+    SelectSelectorMode,
+    TextSelector,
+    TextSelectorConfig,
+    TextSelectorType,
+)
+from homeassistant.helpers.service_info.hassio import HassioServiceInfo
+from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
+
+from .api import (
+    ServerInfo,
+    WhisperGpuAuthError,
+    WhisperGpuConnectionError,
+    WhisperGpuError,
+    WhisperGpuResponseError,
+    WhisperGpuSettingsError,
+)
+from .const import (
+    CONF_CONTROL_PORT,
+    CONF_SERVER_ID,
+    CONF_WYOMING_PORT,
+    DEFAULT_CONTROL_PORT,
+    DEFAULT_WYOMING_PORT,
+    DOMAIN,
+    ENTRY_MINOR_VERSION,
+    ENTRY_VERSION,
+    OPTION_SECTIONS,
+    OPTION_SETTINGS,
+    SECTION_VAD,
+    SETTING_COMPUTE_TYPE,
+    SETTING_LANGUAGE,
+    SETTING_MODEL,
+    SETTING_VAD_THRESHOLD,
+    SETTINGS_ERROR_CODES,
+)
+from .data import WhisperGpuConfigEntry, create_client
+
+PORT_SELECTOR = probatio.All(
+    NumberSelector(
+        NumberSelectorConfig(min=1, max=65535, step=1, mode=NumberSelectorMode.BOX)
+    ),
+    probatio.Coerce(int),
+)
+TOKEN_SELECTOR = TextSelector(TextSelectorConfig(type=TextSelectorType.PASSWORD))
+
+CONNECTION_SCHEMA = probatio.Schema(
+    {
+        probatio.Required(CONF_HOST): TextSelector(),
+        probatio.Required(CONF_WYOMING_PORT, default=DEFAULT_WYOMING_PORT): (
+            PORT_SELECTOR
+        ),
+        probatio.Required(CONF_CONTROL_PORT, default=DEFAULT_CONTROL_PORT): (
+            PORT_SELECTOR
+        ),
+        probatio.Required(CONF_TOKEN): TOKEN_SELECTOR,
+    }
+)
+TOKEN_SCHEMA = probatio.Schema({probatio.Required(CONF_TOKEN): TOKEN_SELECTOR})
+
+# Units shown beside the voice activity detection values, by setting name suffix.
+UNITS = {"_ms": "ms", "_s": "s"}
+
+
+class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
+    """Add a whisper-gpu server: typed in, found by zeroconf, or the add-on."""
+
+    VERSION = ENTRY_VERSION
+    MINOR_VERSION = ENTRY_MINOR_VERSION
+
+    def __init__(self) -> None:
+        """Start with nothing discovered."""
+        self._discovered: dict[str, Any] = {}
+        self._addon_name = ""
+
+    @staticmethod
+    @callback
+    @override
+    def async_get_options_flow(config_entry: ConfigEntry) -> WhisperGpuOptionsFlow:
+        """Return the options flow: the server's settings."""
+        return WhisperGpuOptionsFlow()
+
+    async def _async_validate(
+        self, data: Mapping[str, Any]
+    ) -> tuple[ServerInfo | None, dict[str, str]]:
+        """Check the server before an entry is made: info, token, Wyoming port."""
+        client = create_client(self.hass, data)
+        try:
+            info = await client.async_get_info()
+            await client.async_check_auth()
+        except WhisperGpuConnectionError:
+            return None, {"base": "cannot_connect"}
+        except WhisperGpuAuthError:
+            return None, {"base": "invalid_auth"}
+        except WhisperGpuResponseError:
+            return None, {"base": "not_whisper_gpu"}
+        try:
+            await client.async_describe()
+        except WhisperGpuError:
+            return None, {"base": "wyoming_unreachable"}
+        return info, {}
+
+    @override
+    async def async_step_user(
+        self, user_input: dict[str, Any] | None = None
+    ) -> ConfigFlowResult:
+        """Ask for the server's address, ports and token."""
+        errors: dict[str, str] = {}
+        if user_input is not None:
+            info, errors = await self._async_validate(user_input)
+            if info is not None:
+                await self.async_set_unique_id(info.server_id)
+                self._abort_if_unique_id_configured(updates=user_input)
+                return self.async_create_entry(title=info.name, data=user_input)
+        return self.async_show_form(
+            step_id="user",
+            data_schema=self.add_suggested_values_to_schema(
+                CONNECTION_SCHEMA, user_input
+            ),
+            errors=errors,
+        )
+
+    @override
+    async def async_step_zeroconf(
+        self, discovery_info: ZeroconfServiceInfo
+    ) -> ConfigFlowResult:
+        """Take a server that announces itself on the network."""
+        properties = discovery_info.properties
+        try:
+            server_id = str(properties[CONF_SERVER_ID])
+            control_port = int(properties[CONF_CONTROL_PORT])
+            wyoming_port = discovery_info.port or int(properties[CONF_WYOMING_PORT])
+        except (KeyError, TypeError, ValueError):
+            return self.async_abort(reason="not_whisper_gpu")
+
+        connection = {
+            CONF_HOST: discovery_info.host,
+            CONF_WYOMING_PORT: wyoming_port,
+            CONF_CONTROL_PORT: control_port,
+        }
+        entry = await self.async_set_unique_id(server_id)
+        # The add-on's entry keeps the address the Supervisor gave it.
+        addon = entry is not None and entry.source == SOURCE_HASSIO
+        self._abort_if_unique_id_configured(updates=None if addon else connection)
+
+        self._discovered = connection
+        self.context["title_placeholders"] = {"name": discovery_info.host}
+        return await self.async_step_zeroconf_confirm()
+
+    async def async_step_zeroconf_confirm(
+        self, user_input: dict[str, Any] | None = None
+    ) -> ConfigFlowResult:
+        """Ask for the token of a discovered server."""
+        errors: dict[str, str] = {}
+        if user_input is not None:
+            data = {**self._discovered, CONF_TOKEN: user_input[CONF_TOKEN]}
+            info, errors = await self._async_validate(data)
+            if info is not None:
+                return self.async_create_entry(title=info.name, data=data)
+        return self.async_show_form(
+            step_id="zeroconf_confirm",
+            data_schema=TOKEN_SCHEMA,
+            description_placeholders={
+                "host": self._discovered[CONF_HOST],
+                "port": str(self._discovered[CONF_CONTROL_PORT]),
+            },
+            errors=errors,
+        )
+
+    @override
+    async def async_step_hassio(
+        self, discovery_info: HassioServiceInfo
+    ) -> ConfigFlowResult:
+        """Take the server of the add-on, as the Supervisor announces it."""
+        config = discovery_info.config
+        try:
+            server_id = str(config[CONF_SERVER_ID])
+            data = {
+                CONF_HOST: str(config[CONF_HOST]),
+                CONF_WYOMING_PORT: int(config[CONF_WYOMING_PORT]),
+                CONF_CONTROL_PORT: int(config[CONF_CONTROL_PORT]),
+                CONF_TOKEN: str(config[CONF_TOKEN]),
+            }
+        except (KeyError, TypeError, ValueError):
+            return self.async_abort(reason="not_whisper_gpu")
+
+        await self.async_set_unique_id(server_id)
+        self._abort_if_unique_id_configured(updates=data)
+
+        self._discovered = data
+        self._addon_name = discovery_info.name
+        self.context["title_placeholders"] = {"name": discovery_info.name}
+        self.context["configuration_url"] = (
+            f"homeassistant://hassio/addon/{discovery_info.slug}/info"
+        )
+        return await self.async_step_hassio_confirm()
+
+    async def async_step_hassio_confirm(
+        self, user_input: dict[str, Any] | None = None
+    ) -> ConfigFlowResult:
+        """Confirm the add-on's server; nothing to type."""
+        errors: dict[str, str] = {}
+        if user_input is not None:
+            info, errors = await self._async_validate(self._discovered)
+            if info is not None:
+                return self.async_create_entry(
+                    title=self._addon_name, data=self._discovered
+                )
+        return self.async_show_form(
+            step_id="hassio_confirm",
+            description_placeholders={"addon": self._addon_name},
+            errors=errors,
+        )
+
+    async def async_step_reconfigure(
+        self, user_input: dict[str, Any] | None = None
+    ) -> ConfigFlowResult:
+        """Change the address, ports or token of a server."""
+        entry = self._get_reconfigure_entry()
+        errors: dict[str, str] = {}
+        if user_input is not None:
+            info, errors = await self._async_validate(user_input)
+            if info is not None:
+                await self.async_set_unique_id(info.server_id)
+                self._abort_if_unique_id_mismatch(reason="wrong_server")
+                return self.async_update_reload_and_abort(
+                    entry, data_updates=user_input
+                )
+        return self.async_show_form(
+            step_id="reconfigure",
+            data_schema=self.add_suggested_values_to_schema(
+                CONNECTION_SCHEMA, user_input or entry.data
+            ),
+            errors=errors,
+        )
+
+    @override
+    async def async_step_reauth(
+        self, entry_data: Mapping[str, Any]
+    ) -> ConfigFlowResult:
+        """Start over with a new token after the server rejected the old one."""
+        return await self.async_step_reauth_confirm()
+
+    async def async_step_reauth_confirm(
+        self, user_input: dict[str, Any] | None = None
+    ) -> ConfigFlowResult:
+        """Ask for the new token."""
+        entry = self._get_reauth_entry()
+        errors: dict[str, str] = {}
+        if user_input is not None:
+            info, errors = await self._async_validate({**entry.data, **user_input})
+            if info is not None:
+                return self.async_update_reload_and_abort(
+                    entry, data_updates=user_input
+                )
+        return self.async_show_form(
+            step_id="reauth_confirm",
+            data_schema=TOKEN_SCHEMA,
+            description_placeholders={"host": entry.data[CONF_HOST]},
+            errors=errors,
+        )
+
+
+class WhisperGpuOptionsFlow(OptionsFlow):
+    """The server's settings, read from it and sent back to it.
+
+    The entry's options mirror the server; the form sends only what the user
+    changed, so a setting the operator changed on the server stays as it is.
+    """
+
+    def __init__(self) -> None:
+        """Start before the server has been read."""
+        self._info: ServerInfo | None = None
+        self._settings: dict[str, Any] = {}
+
+    async def async_step_init(
+        self, user_input: dict[str, Any] | None = None
+    ) -> ConfigFlowResult:
+        """Show the settings in sections; PATCH what changed."""
+        client = create_client(self.hass, self.config_entry.data)
+        if self._info is None:
+            try:
+                self._info = await client.async_get_info()
+                self._settings = await client.async_get_settings()
+            except WhisperGpuError:
+                return self.async_abort(reason="cannot_connect")
+
+        errors: dict[str, str] = {}
+        suggested = self._settings
+        if user_input is not None:
+            suggested = _flatten(user_input)
+            changes = {
+                name: value
+                for name, value in suggested.items()
+                if self._settings.get(name) != value
+            }
+            try:
+                if changes:
+                    self._settings = await client.async_update_settings(changes)
+            except WhisperGpuAuthError:
+                self.config_entry.async_start_reauth(self.hass)
+                errors["base"] = "invalid_auth"
+            except WhisperGpuSettingsError as err:
+                errors = _form_errors(err.errors)
+            except WhisperGpuError:
+                errors["base"] = "cannot_connect"
+            else:
+                entry: WhisperGpuConfigEntry = self.config_entry
+                if entry.state is ConfigEntryState.LOADED:
+                    await entry.runtime_data.coordinator.async_request_refresh()
+                return self.async_create_entry(data=_options(self._settings))
+
+        return self.async_show_form(
+            step_id="init",
+            data_schema=self.add_suggested_values_to_schema(
+                _options_schema(self._info, self._settings), _sectioned(suggested)
+            ),
+            errors=errors,
+        )
+
+
+def _options(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the settings that entry.options mirrors, flat."""
+    return {name: settings[name] for name in OPTION_SETTINGS if name in settings}
+
+
+def _flatten(user_input: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the values of the form's sections as one flat dict."""
+    return {
+        name: value for values in user_input.values() for name, value in values.items()
+    }
+
+
+def _sectioned(settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Return flat settings grouped as the form's sections."""
+    return {
+        section_key: {name: settings[name] for name in names if name in settings}
+        for section_key, names in OPTION_SECTIONS.items()
+    }
+
+
+def _form_errors(server_errors: Mapping[str, str]) -> dict[str, str]:
+    """Map the server's error codes to form errors, shown on the field's section."""
+    section_of = {
+        name: section_key
+        for section_key, names in OPTION_SECTIONS.items()
+        for name in names
+    }
+    return {
+        section_of.get(field, "base"): (
+            code if code in SETTINGS_ERROR_CODES else "unknown_setting_error"
+        )
+        for field, code in server_errors.items()
+    }
+
+
+def _options_schema(info: ServerInfo, settings: Mapping[str, Any]) -> probatio.Schema:
+    """Build the options form from what the server offers."""
+    sections: dict[probatio.Marker, section] = {}
+    for section_key, names in OPTION_SECTIONS.items():
+        fields = {
+            probatio.Required(name): _setting_selector(name, info, settings)
+            for name in names
+            if name in info.settings_schema
+        }
+        if fields:
+            sections[probatio.Required(section_key)] = section(
+                probatio.Schema(fields), {"collapsed": section_key == SECTION_VAD}
+            )
+    return probatio.Schema(sections)
+
+
+def _setting_selector(name: str, info: ServerInfo, settings: Mapping[str, Any]) -> Any:
+    """Return the selector of one setting, from the server's schema of it."""
+    if name == SETTING_MODEL:
+        models = info.usable_models
+        if (current := settings.get(name)) and current not in models:
+            models = [*models, current]
+        # Custom values: a model directory or a hub repository id.
+        return _select(models, custom_value=True)
+    if name == SETTING_COMPUTE_TYPE:
+        return _select(["auto", *(t for t in info.compute_types if t != "auto")])
+    if name == SETTING_LANGUAGE:
+        return _select(info.languages)
+
+    schema = info.settings_schema[name]
+    if "choices" in schema:
+        return _select([str(choice) for choice in schema["choices"]])
+    config = NumberSelectorConfig(mode=NumberSelectorMode.BOX)
+    if "min" in schema:
+        config["min"] = schema["min"]
+    if "max" in schema:
+        config["max"] = schema["max"]
+    for suffix, unit in UNITS.items():
+        if name.endswith(suffix):
+            config["unit_of_measurement"] = unit
+    if schema.get("type") == "integer":
+        config["step"] = 1
+        return probatio.All(NumberSelector(config), probatio.Coerce(int))
+    config["step"] = "any"
+    if name == SETTING_VAD_THRESHOLD and "min" in config and "max" in config:
+        config["mode"] = NumberSelectorMode.SLIDER
+        config["step"] = 0.01
+    return NumberSelector(config)
+
+
+def _select(options: list[str], *, custom_value: bool = False) -> SelectSelector:
+    """Return a drop-down of the given values."""
+    return SelectSelector(
+        SelectSelectorConfig(
+            options=options,
+            mode=SelectSelectorMode.DROPDOWN,
+            custom_value=custom_value,
+            sort=False,
+        )
+    )

@@ -1,0 +1,72 @@
+"""Constants for the whisper-gpu integration."""
+
+from datetime import timedelta
+import logging
+from typing import Final
+
+DOMAIN: Final = "whisper_gpu"
+LOGGER = logging.getLogger(__package__)
+
+CONF_WYOMING_PORT: Final = "wyoming_port"
+CONF_CONTROL_PORT: Final = "control_port"
+CONF_SERVER_ID: Final = "id"
+
+DEFAULT_WYOMING_PORT: Final = 10300
+DEFAULT_CONTROL_PORT: Final = 10301
+
+SCAN_INTERVAL: Final = timedelta(seconds=30)
+
+# The server's runtime settings that Home Assistant mirrors in entry.options
+# and offers in the options flow, grouped as the form shows them.
+SETTING_MODEL: Final = "model"
+SETTING_COMPUTE_TYPE: Final = "compute_type"
+SETTING_LANGUAGE: Final = "language"
+SETTING_BEAM_SIZE: Final = "beam_size"
+SETTING_VAD_THRESHOLD: Final = "vad_threshold"
+SETTING_MIN_SPEECH_DURATION_MS: Final = "min_speech_duration_ms"
+SETTING_MAX_SPEECH_DURATION_S: Final = "max_speech_duration_s"
+SETTING_SPEECH_PAD_MS: Final = "speech_pad_ms"
+
+SECTION_MODEL: Final = "model_settings"
+SECTION_DECODING: Final = "decoding"
+SECTION_VAD: Final = "voice_activity_detection"
+
+OPTION_SECTIONS: Final[dict[str, tuple[str, ...]]] = {
+    SECTION_MODEL: (SETTING_MODEL, SETTING_COMPUTE_TYPE),
+    SECTION_DECODING: (SETTING_LANGUAGE, SETTING_BEAM_SIZE),
+    SECTION_VAD: (
+        SETTING_VAD_THRESHOLD,
+        SETTING_MIN_SPEECH_DURATION_MS,
+        SETTING_MAX_SPEECH_DURATION_S,
+        SETTING_SPEECH_PAD_MS,
+    ),
+}
+OPTION_SETTINGS: Final = tuple(
+    name for names in OPTION_SECTIONS.values() for name in names
+)
+
+# Error codes of PATCH /api/v1/settings that the options form translates.
+SETTINGS_ERROR_CODES: Final = frozenset(
+    {
+        "body_too_large",
+        "insufficient_memory",
+        "invalid_json",
+        "invalid_value",
+        "not_runtime",
+        "not_supported_by_model",
+        "not_supported_on_device",
+        "out_of_range",
+        "reload_in_progress",
+        "unknown_field",
+        "unknown_model",
+    }
+)
+
+# Wyoming audio format: what Home Assistant's pipeline streams.
+SAMPLE_RATE: Final = 16000
+SAMPLE_WIDTH: Final = 2
+SAMPLE_CHANNELS: Final = 1
+
+# Version of the stored config entry; async_migrate_entry brings older ones up.
+ENTRY_VERSION: Final = 1
+ENTRY_MINOR_VERSION: Final = 1

@@ -1,0 +1,139 @@
+"""Polls a whisper-gpu server's status and keeps Home Assistant in step with it."""
+
+from dataclasses import dataclass
+from typing import Any, override
+
+from homeassistant.core import HomeAssistant, callback
+from homeassistant.exceptions import ConfigEntryAuthFailed
+from homeassistant.helpers import issue_registry as ir
+from homeassistant.helpers.update_coordinator import DataUpdateCoordinator, UpdateFailed
+
+from .api import (
+    ServerInfo,
+    ServerStatus,
+    WhisperGpuAuthError,
+    WhisperGpuClient,
+    WhisperGpuError,
+)
+from .const import DOMAIN, LOGGER, OPTION_SETTINGS, SCAN_INTERVAL
+from .data import WhisperGpuConfigEntry
+
+STATE_FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class WhisperGpuState:
+    """One poll of the server."""
+
+    status: ServerStatus
+    settings: dict[str, Any]
+
+
+def model_failed_issue_id(entry: WhisperGpuConfigEntry) -> str:
+    """Return the id of the repair issue for a model that failed to load."""
+    return f"model_failed_{entry.entry_id}"
+
+
+class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
+    """Reads GET /api/v1/status and /api/v1/settings of one server.
+
+    On the first refresh and on every reconnect it also checks the token and
+    reads the server's info again (the server may have been upgraded or its
+    token changed while it was away). The settings it reads go into
+    entry.options, so a change made on the server shows up in Home Assistant.
+    """
+
+    config_entry: WhisperGpuConfigEntry
+    info: ServerInfo
+
+    def __init__(
+        self,
+        hass: HomeAssistant,
+        entry: WhisperGpuConfigEntry,
+        client: WhisperGpuClient,
+    ) -> None:
+        """Set up the coordinator; it polls from the first refresh on."""
+        super().__init__(
+            hass,
+            LOGGER,
+            config_entry=entry,
+            name=entry.title,
+            update_interval=SCAN_INTERVAL,
+        )
+        self.client = client
+
+    @override
+    async def _async_setup(self) -> None:
+        """Check the token and read the server's info before the first poll."""
+        await self._async_connect()
+
+    async def _async_connect(self) -> None:
+        """Check the token and read the server's info."""
+        try:
+            await self.client.async_check_auth()
+            self.info = await self.client.async_get_info()
+        except WhisperGpuAuthError as err:
+            raise ConfigEntryAuthFailed(
+                translation_domain=DOMAIN, translation_key="invalid_auth"
+            ) from err
+        except WhisperGpuError as err:
+            raise _update_failed(err) from err
+
+    @override
+    async def _async_update_data(self) -> WhisperGpuState:
+        """Poll the server."""
+        if not self.last_update_success:
+            await self._async_connect()
+        try:
+            status = await self.client.async_get_status()
+            settings = await self.client.async_get_settings()
+            if self.data is not None and status.model != self.data.status.model:
+                # Another model serves now: its languages may differ.
+                self.info = await self.client.async_get_info()
+        except WhisperGpuError as err:
+            raise _update_failed(err) from err
+
+        self._async_sync_options(settings)
+        self._async_update_model_issue(status)
+        return WhisperGpuState(status=status, settings=settings)
+
+    @callback
+    def _async_sync_options(self, settings: dict[str, Any]) -> None:
+        """Mirror the server's settings in entry.options (no reload follows)."""
+        options = {name: settings[name] for name in OPTION_SETTINGS if name in settings}
+        if options != dict(self.config_entry.options):
+            LOGGER.debug("Settings from the server: %s", options)
+            self.hass.config_entries.async_update_entry(
+                self.config_entry, options=options
+            )
+
+    @callback
+    def _async_update_model_issue(self, status: ServerStatus) -> None:
+        """Raise a repair issue while the server's model has failed to load."""
+        issue_id = model_failed_issue_id(self.config_entry)
+        if status.state != STATE_FAILED:
+            ir.async_delete_issue(self.hass, DOMAIN, issue_id)
+            return
+        ir.async_create_issue(
+            self.hass,
+            DOMAIN,
+            issue_id,
+            is_fixable=False,
+            severity=ir.IssueSeverity.ERROR,
+            translation_key="model_failed",
+            translation_placeholders={
+                "name": self.config_entry.title,
+                "model": status.model or "-",
+                "code": status.error_code or "unknown",
+                "message": status.error_message or "",
+            },
+        )
+
+
+def _update_failed(err: WhisperGpuError) -> UpdateFailed:
+    """Wrap a client error for the coordinator, with a translated message."""
+    return UpdateFailed(
+        translation_domain=DOMAIN,
+        translation_key="cannot_connect",
+        translation_placeholders={"error": str(err)},
+    )

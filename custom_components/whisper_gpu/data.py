@@ -1,0 +1,40 @@
+"""Runtime data of a whisper-gpu config entry."""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from homeassistant.config_entries import ConfigEntry
+from homeassistant.const import CONF_HOST, CONF_TOKEN
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers.aiohttp_client import async_get_clientsession
+from wyoming.info import AsrProgram
+
+from .api import WhisperGpuClient
+from .const import CONF_CONTROL_PORT, CONF_WYOMING_PORT
+
+if TYPE_CHECKING:
+    from .coordinator import WhisperGpuCoordinator
+
+
+@dataclass(slots=True, kw_only=True)
+class WhisperGpuData:
+    """What a loaded entry keeps: the client, the coordinator, the Wyoming program."""
+
+    client: WhisperGpuClient
+    coordinator: WhisperGpuCoordinator
+    asr: AsrProgram
+
+
+type WhisperGpuConfigEntry = ConfigEntry[WhisperGpuData]
+
+
+def create_client(hass: HomeAssistant, data: Mapping[str, Any]) -> WhisperGpuClient:
+    """Return a client for the connection data of an entry (or of a form)."""
+    return WhisperGpuClient(
+        async_get_clientsession(hass),
+        data[CONF_HOST],
+        wyoming_port=data[CONF_WYOMING_PORT],
+        control_port=data[CONF_CONTROL_PORT],
+        token=data[CONF_TOKEN],
+    )

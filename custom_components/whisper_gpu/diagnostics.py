@@ -1,0 +1,31 @@
+"""Diagnostics of a whisper-gpu entry, with the token and the address redacted."""
+
+from dataclasses import asdict
+from typing import Any
+
+from homeassistant.components.diagnostics import async_redact_data
+from homeassistant.const import CONF_HOST, CONF_TOKEN
+from homeassistant.core import HomeAssistant
+
+from .data import WhisperGpuConfigEntry
+
+TO_REDACT = {CONF_HOST, CONF_TOKEN}
+
+
+async def async_get_config_entry_diagnostics(
+    hass: HomeAssistant,  # noqa: ARG001
+    entry: WhisperGpuConfigEntry,
+) -> dict[str, Any]:
+    """Return the entry, the server's info and its last status."""
+    data = entry.runtime_data
+    coordinator = data.coordinator
+    return {
+        "entry": async_redact_data(entry.as_dict(), TO_REDACT),
+        "server": {
+            "info": coordinator.info.raw,
+            "status": coordinator.data.status.raw,
+            "settings": coordinator.data.settings,
+            "last_update_success": coordinator.last_update_success,
+        },
+        "wyoming_asr": asdict(data.asr),
+    }

@@ -1,0 +1,92 @@
+"""Model select: switch the server's model from a dashboard or an automation."""
+
+from typing import override
+
+from homeassistant.components.select import SelectEntity, SelectEntityDescription
+from homeassistant.const import EntityCategory
+from homeassistant.core import HomeAssistant
+from homeassistant.exceptions import HomeAssistantError
+from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
+
+from .api import WhisperGpuAuthError, WhisperGpuError, WhisperGpuSettingsError
+from .const import DOMAIN, SETTING_MODEL
+from .data import WhisperGpuConfigEntry
+from .entity import WhisperGpuEntity
+
+PARALLEL_UPDATES = 1
+
+MODEL_DESCRIPTION = SelectEntityDescription(
+    key=SETTING_MODEL,
+    translation_key=SETTING_MODEL,
+    entity_category=EntityCategory.CONFIG,
+)
+
+
+async def async_setup_entry(
+    hass: HomeAssistant,  # noqa: ARG001
+    entry: WhisperGpuConfigEntry,
+    async_add_entities: AddConfigEntryEntitiesCallback,
+) -> None:
+    """Add the model select of a server."""
+    async_add_entities(
+        [WhisperGpuModelSelect(entry.runtime_data.coordinator, MODEL_DESCRIPTION)]
+    )
+
+
+class WhisperGpuModelSelect(WhisperGpuEntity, SelectEntity):
+    """The model the server is set to (a change reloads it in the background)."""
+
+    @property
+    @override
+    def current_option(self) -> str | None:
+        """Return the model in the server's settings."""
+        model = self.coordinator.data.settings.get(SETTING_MODEL)
+        return model if isinstance(model, str) else None
+
+    @property
+    @override
+    def options(self) -> list[str]:
+        """Return the models that fit the server's device, and the current one."""
+        models = self.coordinator.info.usable_models
+        current = self.current_option
+        if current is not None and current not in models:
+            return [*models, current]
+        return models
+
+    @override
+    async def async_select_option(self, option: str) -> None:
+        """Ask the server to switch to another model."""
+        entry = self.coordinator.config_entry
+        try:
+            settings = await self.coordinator.client.async_update_settings(
+                {SETTING_MODEL: option}
+            )
+        except WhisperGpuAuthError as err:
+            entry.async_start_reauth(self.hass)
+            raise HomeAssistantError(
+                translation_domain=DOMAIN, translation_key="invalid_auth"
+            ) from err
+        except WhisperGpuSettingsError as err:
+            raise HomeAssistantError(
+                translation_domain=DOMAIN,
+                translation_key="setting_rejected",
+                translation_placeholders={
+                    "setting": SETTING_MODEL,
+                    "value": option,
+                    "code": ", ".join(err.errors.values()),
+                },
+            ) from err
+        except WhisperGpuError as err:
+            raise HomeAssistantError(
+                translation_domain=DOMAIN,
+                translation_key="cannot_connect",
+                translation_placeholders={"error": str(err)},
+            ) from err
+        self.hass.config_entries.async_update_entry(
+            entry,
+            options={
+                **entry.options,
+                SETTING_MODEL: settings.get(SETTING_MODEL, option),
+            },
+        )
+        await self.coordinator.async_request_refresh()

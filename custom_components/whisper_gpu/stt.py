@@ -1,0 +1,111 @@
+"""Speech-to-text entity: streams the pipeline's audio to the server over Wyoming."""
+
+from collections.abc import AsyncIterable
+from typing import override
+
+from homeassistant.components import stt
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers.entity import EntityDescription
+from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
+
+from .api import WhisperGpuError
+from .const import LOGGER
+from .coordinator import WhisperGpuCoordinator
+from .data import WhisperGpuConfigEntry
+from .entity import WhisperGpuEntity
+
+PARALLEL_UPDATES = 0
+
+STT_DESCRIPTION = EntityDescription(key="stt", translation_key="speech_to_text")
+AUTO_LANGUAGE = "auto"
+
+
+async def async_setup_entry(
+    hass: HomeAssistant,  # noqa: ARG001
+    entry: WhisperGpuConfigEntry,
+    async_add_entities: AddConfigEntryEntitiesCallback,
+) -> None:
+    """Add the speech-to-text entity of a server."""
+    data = entry.runtime_data
+    audio_processing = stt.SpeechAudioProcessing(
+        requires_external_vad=data.asr.requires_external_vad,
+        prefers_auto_gain_enabled=data.asr.prefers_auto_gain_enabled,
+        prefers_noise_reduction_enabled=data.asr.prefers_noise_reduction_enabled,
+    )
+    async_add_entities(
+        [WhisperGpuSpeechToText(data.coordinator, STT_DESCRIPTION, audio_processing)]
+    )
+
+
+class WhisperGpuSpeechToText(WhisperGpuEntity, stt.SpeechToTextEntity):
+    """Transcribes the audio of an Assist pipeline on a whisper-gpu server."""
+
+    def __init__(
+        self,
+        coordinator: WhisperGpuCoordinator,
+        description: EntityDescription,
+        audio_processing: stt.SpeechAudioProcessing,
+    ) -> None:
+        """Set up the entity with what the server's Wyoming info asks for."""
+        super().__init__(coordinator, description)
+        self._audio_processing = audio_processing
+
+    @property
+    @override
+    def supported_languages(self) -> list[str]:
+        """Return the languages of the model the server has loaded."""
+        return [
+            language
+            for language in self.coordinator.info.languages
+            if language != AUTO_LANGUAGE
+        ]
+
+    @property
+    @override
+    def supported_formats(self) -> list[stt.AudioFormats]:
+        """Return the audio container formats: WAV."""
+        return [stt.AudioFormats.WAV]
+
+    @property
+    @override
+    def supported_codecs(self) -> list[stt.AudioCodecs]:
+        """Return the audio codecs: PCM."""
+        return [stt.AudioCodecs.PCM]
+
+    @property
+    @override
+    def supported_bit_rates(self) -> list[stt.AudioBitRates]:
+        """Return the sample widths: 16 bit."""
+        return [stt.AudioBitRates.BITRATE_16]
+
+    @property
+    @override
+    def supported_sample_rates(self) -> list[stt.AudioSampleRates]:
+        """Return the sample rates: 16 kHz."""
+        return [stt.AudioSampleRates.SAMPLERATE_16000]
+
+    @property
+    @override
+    def supported_channels(self) -> list[stt.AudioChannels]:
+        """Return the channel counts: mono."""
+        return [stt.AudioChannels.CHANNEL_MONO]
+
+    @property
+    @override
+    def audio_processing(self) -> stt.SpeechAudioProcessing:
+        """Return what the server asks the pipeline to do with the audio."""
+        return self._audio_processing
+
+    @override
+    async def async_process_audio_stream(
+        self, metadata: stt.SpeechMetadata, stream: AsyncIterable[bytes]
+    ) -> stt.SpeechResult:
+        """Stream the audio to the server while it arrives; return the text."""
+        try:
+            text = await self.coordinator.client.async_transcribe(
+                stream, metadata.language
+            )
+        except WhisperGpuError as err:
+            LOGGER.warning("Speech-to-text on %s failed: %s", self.entity_id, err)
+            return stt.SpeechResult(None, stt.SpeechResultState.ERROR)
+        return stt.SpeechResult(text, stt.SpeechResultState.SUCCESS)
