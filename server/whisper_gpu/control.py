@@ -1,0 +1,129 @@
+"""The HTTP control API (aiohttp): health, metrics, info, settings and status; see docs/control-api.md."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .service import ReloadInProgressError, Service, SettingsRejectedError
+
+_LOGGER = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024
+SERVICE_KEY = web.AppKey("service", Service)
+SHUTTING_DOWN_KEY: web.AppKey[Callable[[], bool]] = web.AppKey("shutting_down")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(service: Service, shutting_down: Callable[[], bool]) -> web.Application:
+    """The control application."""
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_json_errors])
+    app[SERVICE_KEY] = service
+    app[SHUTTING_DOWN_KEY] = shutting_down
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/api/v1/info", _info)
+    app.router.add_get("/api/v1/settings", _get_settings)
+    app.router.add_patch("/api/v1/settings", _patch_settings)
+    app.router.add_get("/api/v1/status", _status)
+    app.router.add_get("/api/v1/auth", _auth)
+    return app
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer HTTP errors (404, 405, 413) as JSON like everything else."""
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        return web.json_response({"error": "body_too_large"}, status=413)
+    except web.HTTPException as err:
+        if err.status < 400:  # noqa: PLR2004 - redirects pass through
+            raise
+        return web.json_response(
+            {"error": err.reason.lower().replace(" ", "_")}, status=err.status, headers=_allow_header(err)
+        )
+
+
+def _allow_header(err: web.HTTPException) -> dict[str, str]:
+    allow = err.headers.get("Allow")
+    return {"Allow": allow} if allow else {}
+
+
+def _authorized(request: web.Request) -> bool:
+    """Constant-time check of `Authorization: Bearer <token>`."""
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        return False
+    expected = request.app[SERVICE_KEY].token
+    return hmac.compare_digest(presented.strip().encode(), expected.encode())
+
+
+def _unauthorized() -> web.Response:
+    return web.json_response(
+        {"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": 'Bearer realm="whisper-gpu"'}
+    )
+
+
+async def _healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    engine = service.models.engine
+    if request.app[SHUTTING_DOWN_KEY]():
+        return web.json_response({"status": "not_ready", "reason": "shutting_down"}, status=503)
+    if engine is None:
+        return web.json_response({"status": "not_ready", "reason": str(service.models.state)}, status=503)
+    return web.json_response({"status": "ready", "model": engine.name})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[SERVICE_KEY].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _info(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SERVICE_KEY].info())
+
+
+async def _get_settings(request: web.Request) -> web.Response:
+    settings = request.app[SERVICE_KEY].settings
+    return web.json_response({"settings": settings.values, "source": settings.sources})
+
+
+async def _patch_settings(request: web.Request) -> web.Response:
+    if not _authorized(request):
+        return _unauthorized()
+    try:
+        body: Any = json.loads(await request.read())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        body = None
+    if not isinstance(body, dict):
+        return web.json_response({"errors": {"base": "invalid_json"}}, status=400)
+    try:
+        result = request.app[SERVICE_KEY].update_settings(body)
+    except SettingsRejectedError as err:
+        return web.json_response({"errors": err.errors}, status=400)
+    except ReloadInProgressError:
+        return web.json_response({"error": "reload_in_progress"}, status=409)
+    return web.json_response(result)
+
+
+async def _status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SERVICE_KEY].status())
+
+
+async def _auth(request: web.Request) -> web.Response:
+    if not _authorized(request):
+        return _unauthorized()
+    return web.Response(status=204)

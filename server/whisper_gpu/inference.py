@@ -1,0 +1,138 @@
+"""One inference thread fed by an arrival-ordered queue, so the event loop never waits on the model.
+
+Requests are taken in batches of the same engine; each waiting request costs others only its own audio's work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .engine import DecodeOptions, TranscriptResult, WhisperEngine
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    engine: WhisperEngine
+    audio: np.ndarray
+    options: DecodeOptions
+    future: asyncio.Future[TranscriptResult] = field(repr=False)
+
+
+@dataclass
+class _Task:
+    """Work that must run after every job queued before it (freeing a replaced model)."""
+
+    action: Callable[[], None]
+    future: asyncio.Future[None] = field(repr=False)
+
+
+class InferenceQueue:
+    """Serialises model calls on a dedicated thread."""
+
+    def __init__(self, max_batch: int = 1, on_change: Callable[[int, int], None] | None = None) -> None:
+        self._max_batch = max_batch
+        self._on_change = on_change
+        self._pending: deque[_Job | _Task] = deque()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._worker: asyncio.Task[None] | None = None
+        self.in_flight = 0
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the model."""
+        return sum(isinstance(item, _Job) for item in self._pending)
+
+    def start(self) -> None:
+        """Start taking work."""
+        self._worker = asyncio.create_task(self._run(), name="inference queue")
+
+    async def close(self) -> None:
+        """Stop taking work and wait for the thread."""
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    async def transcribe(self, engine: WhisperEngine, audio: np.ndarray, options: DecodeOptions) -> TranscriptResult:
+        """Queue one request and wait for its transcript; cancelling drops it if it has not started."""
+        future: asyncio.Future[TranscriptResult] = asyncio.get_running_loop().create_future()
+        self._put(_Job(engine, audio, options, future))
+        return await future
+
+    async def after_pending(self, action: Callable[[], None]) -> None:
+        """Run a blocking action on the inference thread once every job queued so far has finished."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._put(_Task(action, future))
+        await future
+
+    def _put(self, item: _Job | _Task) -> None:
+        self._pending.append(item)
+        self._wakeup.set()
+        self._changed()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            item = self._pending.popleft()
+            if isinstance(item, _Task):
+                await self._run_task(loop, item)
+            elif batch := self._collect_batch(item):
+                await self._run_batch(loop, batch)
+            self._changed()
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
+        self.in_flight = len(batch)
+        self._changed()
+        try:
+            results = await loop.run_in_executor(
+                self._executor, batch[0].engine.transcribe_batch, [(job.audio, job.options) for job in batch]
+            )
+        except Exception as err:  # noqa: BLE001 - the error belongs to the requests, not to the queue
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(err)
+        else:
+            for job, result in zip(batch, results, strict=True):
+                if not job.future.done():
+                    job.future.set_result(result)
+        finally:
+            self.in_flight = 0
+
+    def _collect_batch(self, first: _Job) -> list[_Job]:
+        """The first live job plus queued jobs for the same engine, up to the batch size."""
+        batch = [first] if not first.future.cancelled() else []
+        while len(batch) < self._max_batch and self._pending:
+            head = self._pending[0]
+            if not isinstance(head, _Job) or (batch and head.engine is not batch[0].engine):
+                break
+            self._pending.popleft()
+            if not head.future.cancelled():
+                batch.append(head)
+        return batch
+
+    async def _run_task(self, loop: asyncio.AbstractEventLoop, task: _Task) -> None:
+        try:
+            await loop.run_in_executor(self._executor, task.action)
+        except Exception as err:  # noqa: BLE001 - handed to whoever waits for the task
+            if not task.future.done():
+                task.future.set_exception(err)
+        else:
+            if not task.future.done():
+                task.future.set_result(None)
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.in_flight, self.queued)

@@ -1,0 +1,617 @@
+"""The running service: settings, the loaded model and its hot switch, and the request bookkeeping.
+
+Both front doors (the Wyoming handler and the control API) talk to this one object; neither touches the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .engine import (
+    DecodeOptions,
+    Device,
+    TranscriptResult,
+    UnsupportedOnDeviceError,
+    WhisperEngine,
+    resolve_compute_type,
+    resolve_device,
+    supported_compute_types,
+)
+from .hardware import describe_device, device_memory, usable_cpu_count
+from .inference import InferenceQueue
+from .metrics import Metrics
+from .models import (
+    KNOWN_MODELS,
+    ModelCache,
+    ModelError,
+    ModelErrorCode,
+    approximate_memory_mb,
+)
+from .settings import (
+    RUNTIME_SETTINGS,
+    SETTINGS,
+    WHISPER_LANGUAGES,
+    ErrorCode,
+    ResolvedSettings,
+    SettingError,
+    SettingsStore,
+    validate_change,
+    write_atomically,
+)
+
+_LOGGER = logging.getLogger(__name__)
+
+RELOAD_SETTINGS = frozenset(name for name in RUNTIME_SETTINGS if SETTINGS[name].reload)
+SERVER_ID_FILE = "server_id"
+TOKEN_FILE = "control_token"  # noqa: S105 - a file name, not a secret
+
+
+class ModelState(StrEnum):
+    """What the model manager is doing."""
+
+    LOADING = "loading"
+    DOWNLOADING = "downloading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class RequestError(Exception):
+    """A request the service cannot serve; the code goes to the client in a Wyoming `error` event."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ReloadInProgressError(Exception):
+    """A settings change arrived while a model reload runs."""
+
+
+class SettingsRejectedError(Exception):
+    """A settings change with per-field error codes; nothing was changed."""
+
+    def __init__(self, errors: dict[str, str]) -> None:
+        super().__init__(errors)
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """A model with the device and compute type it will load with."""
+
+    model: str
+    device: Device
+    compute_type: str
+
+    def describe(self) -> dict[str, Any]:
+        """As `/api/v1/status` shows it."""
+        return {"name": self.model, "device": str(self.device), "compute_type": self.compute_type}
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """Boot settings that shape every load."""
+
+    offline: bool
+    cpu_threads: int
+    memory_limit_mb: int
+
+
+@dataclass(frozen=True)
+class FinishedRequest:
+    """One request's numbers, for the log, the metrics and `/api/v1/status`."""
+
+    outcome: str
+    audio_seconds: float
+    processing_seconds: float
+    finished_at: datetime
+
+
+class ModelManager:
+    """Holds the serving model; loads a new one beside it and swaps when the new one is warm."""
+
+    def __init__(self, cache: ModelCache, queue: InferenceQueue, metrics: Metrics, load: LoadSettings) -> None:
+        self._cache = cache
+        self._queue = queue
+        self._metrics = metrics
+        self._load_settings = load
+        self.engine: WhisperEngine | None = None
+        self.state = ModelState.LOADING
+        self.target: LoadPlan | None = None
+        self.download: dict[str, Any] | None = None
+        self.error: ModelError | None = None
+        self._loading: asyncio.Task[bool] | None = None
+
+    @property
+    def reloading(self) -> bool:
+        """A load is under way."""
+        return self._loading is not None and not self._loading.done()
+
+    def plan(self, model: str, device_setting: str, compute_setting: str) -> tuple[LoadPlan, str | None]:
+        """Resolve device and compute type; raises UnsupportedOnDeviceError."""
+        device = resolve_device(device_setting)
+        compute_type, note = resolve_compute_type(compute_setting, device)
+        return LoadPlan(model, device, compute_type), note
+
+    def memory_shortfall_mb(self, plan: LoadPlan) -> int:
+        """How many MB are missing to load the plan beside the serving model (0 when it fits)."""
+        needed = approximate_memory_mb(plan.model, plan.compute_type, self._cache.cached_path(plan.model))
+        if self._load_settings.memory_limit_mb:
+            serving = self.engine
+            in_use = approximate_memory_mb(serving.name, serving.compute_type) if serving else 0
+            available = self._load_settings.memory_limit_mb - in_use
+        else:
+            available = device_memory(plan.device).free_mb
+        return max(0, needed - available)
+
+    def start_load(self, plan: LoadPlan, *, unload_first: bool = False) -> asyncio.Task[bool]:
+        """Load in the background; the task's result says whether the new model serves."""
+        self._loading = asyncio.create_task(self._load(plan, unload_first=unload_first), name=f"load {plan.model}")
+        return self._loading
+
+    async def acquire(self) -> WhisperEngine:
+        """The serving model; waits while a load runs and nothing serves (first start, low-memory switch)."""
+        while self.engine is None:
+            if self._loading is None or self._loading.done():
+                message = self.error.message if self.error else "no model is loaded"
+                raise RequestError("model_not_ready", f"The speech model is not ready: {message}")
+            await asyncio.shield(self._loading)
+        return self.engine
+
+    async def close(self) -> None:
+        """Free the serving model."""
+        if self._loading is not None:
+            self._loading.cancel()
+            await asyncio.gather(self._loading, return_exceptions=True)
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+    def _progress(self, loop: asyncio.AbstractEventLoop, model: str) -> Callable[[int, int], None]:
+        def report(done: int, total: int) -> None:
+            loop.call_soon_threadsafe(self._set_download, model, done, total)
+
+        return report
+
+    def _set_download(self, model: str, done: int, total: int) -> None:
+        if self.reloading:
+            self.state = ModelState.DOWNLOADING
+            self.download = {"model": model, "bytes_done": done, "bytes_total": total}
+
+    async def _load(self, plan: LoadPlan, *, unload_first: bool) -> bool:
+        started = time.monotonic()
+        self.target, self.state, self.error, self.download = plan, ModelState.LOADING, None, None
+        previous = self.engine
+        if previous is not None and unload_first:
+            _LOGGER.warning("Unloading %s before loading %s: both do not fit in memory", previous.name, plan.model)
+            self.engine = None
+            self._metrics.model_ready.set(0)
+            await self._queue.after_pending(previous.close)
+        try:
+            engine = await self._build(plan, check_memory=previous is not None and not unload_first)
+        except ModelError as err:
+            self._failed(plan, err)
+            if previous is not None and unload_first:
+                await self._restore(previous)
+            return False
+        finally:
+            self.target, self.download = None, None
+        seconds = time.monotonic() - started
+        self.engine, self.state = engine, ModelState.READY
+        self._metrics.loaded(engine.name, str(engine.device), engine.compute_type, seconds)
+        _LOGGER.info("Model %s ready on %s (%s) after %.1f s", engine.name, engine.device, engine.compute_type, seconds)
+        if previous is not None and not unload_first:
+            await self._queue.after_pending(previous.close)
+        return True
+
+    async def _build(self, plan: LoadPlan, *, check_memory: bool) -> WhisperEngine:
+        loop = asyncio.get_running_loop()
+        try:
+            path = await asyncio.to_thread(
+                self._cache.ensure,
+                plan.model,
+                offline=self._load_settings.offline,
+                progress=self._progress(loop, plan.model),
+            )
+            self.state = ModelState.LOADING
+            if check_memory:
+                self._check_fits(plan)
+            _LOGGER.info("Loading %s on %s (%s)", plan.model, plan.device, plan.compute_type)
+            return await asyncio.to_thread(self._load_and_warm, plan, path)
+        except ModelError:
+            raise
+        except Exception as err:
+            raise ModelError(ModelErrorCode.LOAD_FAILED, f"Loading {plan.model} failed: {err}") from err
+
+    def _check_fits(self, plan: LoadPlan) -> None:
+        """Refuse a load that would not fit beside the serving model (now that its size on disk is known)."""
+        if missing := self.memory_shortfall_mb(plan):
+            raise ModelError(
+                ModelErrorCode.INSUFFICIENT_MEMORY,
+                f"{plan.model} needs about {missing} MB more than {plan.device} has free beside the serving "
+                "model; enable low_memory_switch to unload it first",
+            )
+
+    def _load_and_warm(self, plan: LoadPlan, path: Path) -> WhisperEngine:
+        engine = WhisperEngine(
+            name=plan.model,
+            path=path,
+            device=plan.device,
+            compute_type=plan.compute_type,
+            cpu_threads=self._load_settings.cpu_threads,
+        )
+        try:
+            engine.warm_up()
+        except Exception:
+            engine.close()
+            raise
+        return engine
+
+    def _failed(self, plan: LoadPlan, err: ModelError) -> None:
+        self.state, self.error = ModelState.FAILED, err
+        self._metrics.model_loads.labels("failed").inc()
+        serving = f"; {self.engine.name} keeps serving" if self.engine else ""
+        _LOGGER.error("Model %s failed to load (%s): %s%s", plan.model, err.code, err.message, serving)
+
+    async def _restore(self, previous: WhisperEngine) -> None:
+        """After a failed low-memory switch, bring the unloaded model back."""
+        plan = LoadPlan(previous.name, previous.device, previous.compute_type)
+        try:
+            self.engine = await self._build(plan, check_memory=False)
+        except ModelError as err:
+            _LOGGER.error("Could not reload %s either: %s", previous.name, err.message)  # noqa: TRY400 - no traceback
+            return
+        self._metrics.model_ready.set(1)
+        _LOGGER.info("Reloaded %s after the failed switch", previous.name)
+
+
+class Service:
+    """Settings, model, queue and metrics of one server."""
+
+    def __init__(self, boot: ResolvedSettings) -> None:
+        self.boot = boot
+        self.data_dir = Path(boot["data_dir"])
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.settings = SettingsStore(boot, self.data_dir)
+        self.server_id = load_or_create_server_id(self.data_dir)
+        self.token = load_or_create_token(boot, self.data_dir)
+        self.metrics = Metrics(device=lambda: self.models.engine.device if self.models.engine else None)
+        self.queue = InferenceQueue(on_change=self.metrics.set_queue)
+        self.cache = ModelCache(self.data_dir)
+        self.models = ModelManager(
+            self.cache,
+            self.queue,
+            self.metrics,
+            LoadSettings(
+                offline=bool(boot["offline"]),
+                cpu_threads=boot["cpu_threads"] or usable_cpu_count(),
+                memory_limit_mb=boot["memory_limit_mb"],
+            ),
+        )
+        self.last_request: FinishedRequest | None = None
+        self.requests_total = 0
+        self.requests_failed = 0
+
+    async def start(self) -> asyncio.Task[bool]:
+        """Start the inference queue and the first model load (raises UnsupportedOnDeviceError at once)."""
+        plan, note = self.models.plan(self.settings["model"], self.settings["device"], self.settings["compute_type"])
+        if note:
+            _LOGGER.warning("COMPUTE_TYPE=%s: %s", self.settings["compute_type"], note)
+        self.queue.start()
+        return self.models.start_load(plan)
+
+    async def close(self) -> None:
+        """Stop the queue and free the model."""
+        await self.models.close()
+        await self.queue.close()
+
+    # Requests -----------------------------------------------------------------------------------------------
+
+    def check_language(self, language: str | None) -> str | None:
+        """The language to decode with (None: detect); raises RequestError for one the model cannot do."""
+        chosen = (language or self.settings["language"]).lower()
+        if chosen == "auto":
+            return None
+        engine = self.models.engine
+        languages = engine.languages if engine else WHISPER_LANGUAGES
+        if chosen not in languages:
+            model = engine.name if engine else self.settings["model"]
+            raise RequestError(
+                "unsupported_language",
+                f"Language {chosen!r} is not supported by model {model}; it speaks {_summarise(languages)}",
+            )
+        return chosen
+
+    async def transcribe(self, audio: np.ndarray, language: str | None) -> tuple[TranscriptResult, str]:
+        """Transcribe 16 kHz mono audio with the current settings; returns the result and the model's name."""
+        decode_language = self.check_language(language)
+        engine = await self.models.acquire()
+        options = DecodeOptions(
+            language=decode_language,
+            beam_size=self.settings["beam_size"],
+            vad_threshold=self.settings["vad_threshold"],
+            min_speech_duration_ms=self.settings["min_speech_duration_ms"],
+            max_speech_duration_s=self.settings["max_speech_duration_s"],
+            speech_pad_ms=self.settings["speech_pad_ms"],
+        )
+        return await self.queue.transcribe(engine, audio, options), engine.name
+
+    def describe_model(self) -> tuple[str, list[str]]:
+        """The model name and languages Wyoming `describe` announces.
+
+        A fixed LANGUAGE is what Home Assistant may pick; `auto` offers all the model speaks.
+        """
+        engine = self.models.engine
+        languages = self.languages()
+        configured = self.settings["language"]
+        if len(languages) > 1 and configured != "auto":
+            languages = [configured]
+        return (engine.name if engine else self.settings["model"]), languages
+
+    def max_audio_seconds(self) -> float:
+        """Audio per request before the server stops buffering."""
+        return float(self.settings["max_audio_s"])
+
+    def log_transcripts(self) -> bool:
+        """Whether transcript text may go into the log."""
+        return bool(self.settings["log_transcripts"])
+
+    def protocol_error(self, code: str) -> None:
+        """Count bad input from a Wyoming client."""
+        self.metrics.protocol_errors.labels(code).inc()
+
+    def record(self, outcome: str, audio_seconds: float, processing_seconds: float) -> FinishedRequest:
+        """Count a finished request in the metrics and in the status."""
+        finished = FinishedRequest(outcome, audio_seconds, processing_seconds, datetime.now(UTC))
+        self.metrics.requests.labels(outcome).inc()
+        self.requests_total += 1
+        if outcome in ("ok", "no_speech", "truncated"):
+            self.metrics.audio_seconds.inc(audio_seconds)
+            self.metrics.request_duration.observe(processing_seconds)
+            if audio_seconds > 0:
+                self.metrics.real_time_factor.observe(processing_seconds / audio_seconds)
+        elif outcome != "disconnected":
+            self.requests_failed += 1
+        self.last_request = finished
+        return finished
+
+    # Control ------------------------------------------------------------------------------------------------
+
+    def update_settings(self, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate and apply a partial change; model changes reload in the background.
+
+        Raises SettingsRejectedError (nothing changed) or ReloadInProgressError.
+        """
+        if self.models.reloading:
+            raise ReloadInProgressError
+        values, errors = {}, {}
+        for name, value in changes.items():
+            try:
+                values[name] = validate_change(name, value)
+            except SettingError as err:
+                errors[name] = str(err.code)
+        if errors:
+            raise SettingsRejectedError(errors)
+        merged = {**self.settings.values, **values}
+        reload_needed = any(merged[name] != self.settings[name] for name in RELOAD_SETTINGS) or (
+            self.models.engine is None and not self.models.reloading and bool(RELOAD_SETTINGS & set(values))
+        )
+        plan = self._check_combination(merged, values, reload_needed=reload_needed)
+        previous = {name: self.settings[name] for name in values}
+        changed = self.settings.apply(values)
+        if plan is not None:
+            unload_first = bool(merged["low_memory_switch"]) and self.models.memory_shortfall_mb(plan) > 0
+            task = self.models.start_load(plan, unload_first=unload_first)
+            task.add_done_callback(lambda done: self._after_reload(done, previous))
+        _LOGGER.info("Settings changed through the control API: %s", ", ".join(changed) or "nothing")
+        return {"settings": self.settings.values, "changed": changed, "reload": plan is not None}
+
+    def _check_combination(
+        self, merged: dict[str, Any], values: dict[str, Any], *, reload_needed: bool
+    ) -> LoadPlan | None:
+        errors: dict[str, str] = {}
+        plan = None
+        if reload_needed:
+            try:
+                plan, _note = self.models.plan(merged["model"], merged["device"], merged["compute_type"])
+            except UnsupportedOnDeviceError:
+                field = "device" if "device" in values else "compute_type"
+                errors[field] = ErrorCode.NOT_SUPPORTED_ON_DEVICE
+        known = KNOWN_MODELS.get(merged["model"])
+        if known is not None and known.english_only and merged["language"] not in ("en", "auto"):
+            errors["language" if "language" in values else "model"] = ErrorCode.NOT_SUPPORTED_BY_MODEL
+        elif (
+            known is None
+            and self.models.engine is not None
+            and "language" in values
+            and "model" not in values
+            and merged["language"] not in ("auto", *self.models.engine.languages)
+        ):
+            errors["language"] = ErrorCode.NOT_SUPPORTED_BY_MODEL
+        if (
+            plan is not None
+            and not errors
+            and self.models.engine is not None
+            and not merged["low_memory_switch"]
+            and self.models.memory_shortfall_mb(plan) > 0
+        ):
+            errors["model" if "model" in values else next(iter(RELOAD_SETTINGS & set(values)))] = (
+                ErrorCode.INSUFFICIENT_MEMORY
+            )
+        if errors:
+            raise SettingsRejectedError({name: str(code) for name, code in errors.items()})
+        return plan
+
+    def _after_reload(self, task: asyncio.Task[bool], previous: dict[str, Any]) -> None:
+        if task.cancelled() or task.result():
+            return
+        reverted = {name: value for name, value in previous.items() if name in RELOAD_SETTINGS}
+        self.settings.apply(reverted)
+        _LOGGER.info("Settings put back after the failed reload: %s", reverted)
+
+    def status(self) -> dict[str, Any]:
+        """`GET /api/v1/status`."""
+        engine = self.models.engine
+        error = self.models.error
+        last = self.last_request
+        return {
+            "state": str(self.models.state),
+            "model": (
+                {
+                    "name": engine.name,
+                    "device": str(engine.device),
+                    "compute_type": engine.compute_type,
+                    "load_seconds": round(engine.load_seconds, 3),
+                }
+                if engine
+                else None
+            ),
+            "target": self.models.target.describe() if self.models.target else None,
+            "download": self.models.download,
+            "error": {"code": str(error.code), "message": error.message} if error else None,
+            "requests": {
+                "in_flight": self.queue.in_flight,
+                "queued": self.queue.queued,
+                "total": self.requests_total,
+                "failed": self.requests_failed,
+            },
+            "last_request": (
+                {
+                    "duration_ms": round(last.processing_seconds * 1000),
+                    "audio_seconds": round(last.audio_seconds, 3),
+                    "outcome": last.outcome,
+                    "finished_at": last.finished_at.isoformat(timespec="seconds"),
+                }
+                if last
+                else None
+            ),
+        }
+
+    def info(self) -> dict[str, Any]:
+        """`GET /api/v1/info`."""
+        engine = self.models.engine
+        device = engine.device if engine else self._configured_device()
+        described = describe_device(device)
+        compute_type = engine.compute_type if engine else "int8"
+        budget = self.boot["memory_limit_mb"] or int(str(described["memory_total_mb"]))
+        cached = set(self.cache.cached_names())
+        names = [*KNOWN_MODELS, *sorted(cached - set(KNOWN_MODELS))]
+        models = []
+        for name in names:
+            known = KNOWN_MODELS.get(name)
+            memory_mb = approximate_memory_mb(name, compute_type, self.cache.cached_path(name))
+            models.append(
+                {
+                    "name": name,
+                    "english_only": known.english_only if known else None,
+                    "cached": name in cached,
+                    "loaded": engine is not None and engine.name == name,
+                    "memory_mb": memory_mb,
+                    "usable": memory_mb <= budget,
+                    "offline_package": bool(known and known.offline and known.offline.installed()),
+                }
+            )
+        if engine is not None and engine.name not in names:
+            models.append(
+                {
+                    "name": engine.name,
+                    "english_only": not engine.multilingual,
+                    "cached": True,
+                    "loaded": True,
+                    "memory_mb": approximate_memory_mb(engine.name, compute_type),
+                    "usable": True,
+                    "offline_package": False,
+                }
+            )
+        return {
+            "server_id": self.server_id,
+            "name": "whisper-gpu",
+            "version": __version__,
+            "wyoming_port": self.boot["wyoming_port"],
+            "control_port": self.boot["control_port"],
+            "device": described,
+            "compute_types": supported_compute_types(device),
+            "models": models,
+            "languages": ["auto", *self.languages()],
+            "settings": {name: SETTINGS[name].schema_json() for name in RUNTIME_SETTINGS},
+        }
+
+    def languages(self) -> list[str]:
+        """Languages of the serving model (or of the configured one before it loads)."""
+        engine = self.models.engine
+        if engine is not None:
+            return list(engine.languages)
+        known = KNOWN_MODELS.get(self.settings["model"])
+        return ["en"] if known is not None and known.english_only else list(WHISPER_LANGUAGES)
+
+    def _configured_device(self) -> Device:
+        try:
+            return resolve_device(self.settings["device"])
+        except UnsupportedOnDeviceError:
+            return Device("cpu")
+
+
+_LANGUAGES_LISTED = 5
+
+
+def _summarise(languages: list[str] | tuple[str, ...]) -> str:
+    return ", ".join(languages) if len(languages) <= _LANGUAGES_LISTED else f"{len(languages)} languages"
+
+
+def load_or_create_server_id(data_dir: Path) -> str:
+    """A random id made on first start and kept, so Home Assistant knows the server when its address changes."""
+    path = data_dir / SERVER_ID_FILE
+    try:
+        existing = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        existing = ""
+    if existing:
+        return existing
+    server_id = uuid.uuid4().hex
+    write_atomically(path, server_id + "\n")
+    return server_id
+
+
+class TokenError(ValueError):
+    """The control token cannot be read."""
+
+
+def load_or_create_token(settings: ResolvedSettings | Mapping[str, Any], data_dir: Path) -> str:
+    """`CONTROL_TOKEN`, else the file `CONTROL_TOKEN_FILE`, else one generated once into `DATA_DIR` (0600)."""
+    if settings["control_token"]:
+        return str(settings["control_token"])
+    if settings["control_token_file"]:
+        path = Path(settings["control_token_file"])
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except OSError as err:
+            msg = f"CONTROL_TOKEN_FILE {path} cannot be read: {err.strerror}"
+            raise TokenError(msg) from err
+        if not token:
+            msg = f"CONTROL_TOKEN_FILE {path} is empty"
+            raise TokenError(msg)
+        return token
+    path = data_dir / TOKEN_FILE
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        token = ""
+    if not token:
+        token = secrets.token_urlsafe(32)
+        write_atomically(path, token + "\n", mode=0o600)
+        _LOGGER.info("Generated a control token in %s; `whisper-gpu token` prints it", path)
+    return token

@@ -1,0 +1,583 @@
+"""Every setting in one schema: names, types, ranges, defaults and where values come from.
+
+The same specs serve the command line, the environment, the control API, the add-on and the Home Assistant
+options flow, so a name or range is written down exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import voluptuous as vol
+from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+from .models import is_known_model, looks_like_model_reference
+
+_LOGGER = logging.getLogger(__name__)
+
+ENV_PREFIX = "WHISPER_GPU_"
+WHISPER_LANGUAGES: tuple[str, ...] = tuple(sorted(_LANGUAGE_CODES))
+COMPUTE_TYPES = (
+    "auto",
+    "float16",
+    "bfloat16",
+    "int8_float16",
+    "int8_bfloat16",
+    "int8_float32",
+    "int8",
+    "float32",
+)
+ZEROCONF_MODES = ("whisper-gpu", "wyoming", "off")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+# GNU gettext's LANGUAGE (e.g. "en_US:en", "de_DE.UTF-8", "C") is set by desktop sessions; it is no Whisper code.
+_LOCALE_LIST_PATTERN = re.compile(r"^(C|POSIX|[a-z]{2,3}([_@.][\w.@-]+)?(:[\w.@-]+)*)$", re.IGNORECASE)
+
+
+class Source(StrEnum):
+    """Where an effective value came from."""
+
+    DEFAULT = "default"
+    ENV = "env"
+    FLAG = "flag"
+    API = "api"
+
+
+class ErrorCode(StrEnum):
+    """Machine-readable reasons a value is refused; clients translate these."""
+
+    INVALID_JSON = "invalid_json"
+    UNKNOWN_FIELD = "unknown_field"
+    NOT_RUNTIME = "not_runtime"
+    INVALID_VALUE = "invalid_value"
+    OUT_OF_RANGE = "out_of_range"
+    UNKNOWN_MODEL = "unknown_model"
+    NOT_SUPPORTED_ON_DEVICE = "not_supported_on_device"
+    NOT_SUPPORTED_BY_MODEL = "not_supported_by_model"
+    INSUFFICIENT_MEMORY = "insufficient_memory"
+
+
+class SettingError(ValueError):
+    """A value that the schema refuses, with the setting's name and a code."""
+
+    def __init__(self, name: str, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.name = name
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, kw_only=True)
+class SettingSpec:
+    """One setting: its type, default, allowed values and whether it can change while the server runs."""
+
+    name: str
+    kind: type
+    default: Any
+    description: str
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    check: Callable[[Any], Any] | None = None
+    allowed: str | None = None
+    runtime: bool = False
+    reload: bool = False
+    secret: bool = False
+
+    @property
+    def env(self) -> str:
+        """The bare environment name (the seed's ConfigMap uses these)."""
+        return self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag."""
+        return "--" + self.name.replace("_", "-")
+
+    def describe_allowed(self) -> str:
+        """What the setting accepts, for error messages."""
+        if self.allowed:
+            return self.allowed
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.kind is bool:
+            return "true or false"
+        kind = "an integer" if self.kind is int else "a number"
+        if self.minimum is not None and self.maximum is not None:
+            return f"{kind} from {_plain(self.minimum)} to {_plain(self.maximum)}"
+        if self.minimum is not None:
+            return f"{kind} of at least {_plain(self.minimum)}"
+        return kind
+
+    def validate(self, value: Any) -> Any:
+        """Return the value when the schema accepts it (JSON types, no string coercion)."""
+        try:
+            return self._schema()(value)
+        except vol.Invalid as err:
+            raise SettingError(self.name, _code_for(err), f"must be {self.describe_allowed()}") from err
+
+    def parse(self, text: str) -> Any:
+        """Parse a value given as text (flag or environment) and validate it."""
+        text = text.strip()
+        value: Any = text
+        try:
+            if self.kind is bool:
+                value = vol.Boolean()(text)
+            elif self.kind is int:
+                value = int(text)
+            elif self.kind is float:
+                value = float(text)
+        except (ValueError, vol.Invalid) as err:
+            raise SettingError(
+                self.name, ErrorCode.INVALID_VALUE, f"must be {self.describe_allowed()}, got {text!r}"
+            ) from err
+        try:
+            return self.validate(value)
+        except SettingError as err:
+            if self.secret:
+                raise
+            raise SettingError(self.name, err.code, f"{err.message}, got {text!r}") from err
+
+    def schema_json(self) -> dict[str, Any]:
+        """The spec as clients see it in `GET /api/v1/info`."""
+        described: dict[str, Any] = {
+            "type": _JSON_TYPES[self.kind],
+            "default": self.default,
+            "reload": self.reload,
+            "description": self.description,
+        }
+        if self.choices:
+            described["choices"] = list(self.choices)
+        if self.minimum is not None:
+            described["min"] = self.minimum
+        if self.maximum is not None:
+            described["max"] = self.maximum
+        return described
+
+    def _schema(self) -> Callable[[Any], Any]:
+        validators: list[Any] = [_strict_type(self.kind)]
+        if self.choices:
+            validators.append(vol.In(self.choices))
+        if self.minimum is not None or self.maximum is not None:
+            validators.append(vol.Range(min=self.minimum, max=self.maximum))
+        if self.check:
+            validators.append(self.check)
+        return vol.All(*validators)
+
+
+_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
+
+
+def _plain(number: float) -> str:
+    return f"{number:g}"
+
+
+def _strict_type(kind: type) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise vol.Invalid("wrong type")
+        return value
+
+    return check
+
+
+class _UnknownModelError(vol.Invalid):
+    pass
+
+
+def _code_for(err: vol.Invalid) -> ErrorCode:
+    if isinstance(err, vol.RangeInvalid):
+        return ErrorCode.OUT_OF_RANGE
+    if isinstance(err, _UnknownModelError):
+        return ErrorCode.UNKNOWN_MODEL
+    return ErrorCode.INVALID_VALUE
+
+
+def _check_model(value: str) -> str:
+    if is_known_model(value) or looks_like_model_reference(value):
+        return value
+    raise _UnknownModelError("unknown model")
+
+
+def _check_language(value: str) -> str:
+    value = value.lower()
+    if value == "auto" or value in _LANGUAGE_CODES:
+        return value
+    raise vol.Invalid("unknown language")
+
+
+def _check_device(value: str) -> str:
+    if _DEVICE_PATTERN.match(value):
+        return value
+    raise vol.Invalid("unknown device")
+
+
+def _spec_table(*specs: SettingSpec) -> dict[str, SettingSpec]:
+    return {spec.name: spec for spec in specs}
+
+
+SETTINGS: Mapping[str, SettingSpec] = _spec_table(
+    SettingSpec(
+        name="model",
+        kind=str,
+        default="base",
+        check=_check_model,
+        allowed="a model name (tiny, tiny.en, base, base.en, small, small.en, medium, medium.en, large-v1, "
+        "large-v2, large-v3, large-v3-turbo, distil-large-v3, distil-medium.en, distil-small.en), "
+        "a model directory, or a Hugging Face repository id",
+        description="Whisper model: a size name, a local CTranslate2 model directory or a hub repository id",
+        runtime=True,
+        reload=True,
+    ),
+    SettingSpec(
+        name="language",
+        kind=str,
+        default="en",
+        check=_check_language,
+        allowed="a Whisper language code (en, de, fr, …) or auto",
+        description="Language of the speech, or auto to detect it for every request",
+        runtime=True,
+    ),
+    SettingSpec(
+        name="compute_type",
+        kind=str,
+        default="float16",
+        choices=COMPUTE_TYPES,
+        description="Precision; where the device cannot run float16 the server falls back to int8",
+        runtime=True,
+        reload=True,
+    ),
+    SettingSpec(
+        name="device",
+        kind=str,
+        default="auto",
+        check=_check_device,
+        allowed="auto, cpu, cuda or cuda:N",
+        description="auto uses an NVIDIA GPU when CTranslate2 sees one",
+        runtime=True,
+        reload=True,
+    ),
+    SettingSpec(
+        name="beam_size",
+        kind=int,
+        default=5,
+        minimum=1,
+        maximum=10,
+        description="Beam search width; 1 is greedy and fastest",
+        runtime=True,
+    ),
+    SettingSpec(
+        name="vad_threshold",
+        kind=float,
+        default=0.5,
+        minimum=0.0,
+        maximum=1.0,
+        description="Silero VAD speech probability above which audio counts as speech",
+        runtime=True,
+    ),
+    SettingSpec(
+        name="min_speech_duration_ms",
+        kind=int,
+        default=250,
+        minimum=0,
+        maximum=10_000,
+        description="Speech shorter than this is dropped as noise",
+        runtime=True,
+    ),
+    SettingSpec(
+        name="max_speech_duration_s",
+        kind=float,
+        default=30.0,
+        minimum=1.0,
+        maximum=3600.0,
+        description="Longer speech is split into chunks of at most this length",
+        runtime=True,
+    ),
+    SettingSpec(
+        name="speech_pad_ms",
+        kind=int,
+        default=400,
+        minimum=0,
+        maximum=5000,
+        description="Audio kept before and after each speech chunk",
+        runtime=True,
+    ),
+    SettingSpec(
+        name="max_audio_s",
+        kind=float,
+        default=60.0,
+        minimum=1.0,
+        maximum=3600.0,
+        description="A request ends with what came once its audio is this long",
+        runtime=True,
+    ),
+    SettingSpec(
+        name="log_transcripts",
+        kind=bool,
+        default=False,
+        description="Write transcript text into the request log (off for privacy)",
+        runtime=True,
+    ),
+    SettingSpec(
+        name="low_memory_switch",
+        kind=bool,
+        default=False,
+        description="When old and new model do not fit together, unload the old one first "
+        "and hold requests while the new one loads",
+        runtime=True,
+    ),
+    SettingSpec(
+        name="cpu_threads",
+        kind=int,
+        default=0,
+        minimum=0,
+        maximum=1024,
+        description="Threads for CPU inference; 0 uses every core this process may use",
+    ),
+    SettingSpec(
+        name="memory_limit_mb",
+        kind=int,
+        default=0,
+        minimum=0,
+        description="Memory the models may use; 0 detects it (container limit or free GPU memory)",
+    ),
+    SettingSpec(name="data_dir", kind=str, default="", description="Model cache, settings, server id and token"),
+    SettingSpec(name="host", kind=str, default="0.0.0.0", description="Address both ports listen on"),  # noqa: S104
+    SettingSpec(name="wyoming_port", kind=int, default=10300, minimum=1, maximum=65535, description="Wyoming TCP port"),
+    SettingSpec(
+        name="control_port", kind=int, default=10301, minimum=1, maximum=65535, description="HTTP control port"
+    ),
+    SettingSpec(
+        name="zeroconf",
+        kind=str,
+        default="whisper-gpu",
+        choices=ZEROCONF_MODES,
+        description="Announce _whisper-gpu._tcp (whisper-gpu), also _wyoming._tcp (wyoming), or nothing (off)",
+    ),
+    SettingSpec(
+        name="shutdown_grace_s",
+        kind=float,
+        default=10.0,
+        minimum=0.0,
+        maximum=600.0,
+        description="How long SIGTERM waits for requests in flight",
+    ),
+    SettingSpec(name="offline", kind=bool, default=False, description="Never contact the model hub"),
+    SettingSpec(name="log_level", kind=str, default="info", choices=LOG_LEVELS, description="Log verbosity"),
+    SettingSpec(
+        name="control_token", kind=str, default="", secret=True, description="Bearer token for control changes"
+    ),
+    SettingSpec(name="control_token_file", kind=str, default="", description="File holding the control token"),
+)
+
+RUNTIME_SETTINGS: tuple[str, ...] = tuple(name for name, spec in SETTINGS.items() if spec.runtime)
+
+
+@dataclass
+class ResolvedSettings:
+    """The effective values and, for each, where it came from."""
+
+    values: dict[str, Any]
+    sources: dict[str, Source]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; every flag defaults to None so that an absent flag is told apart."""
+    group = parser.add_argument_group("settings (flag, else WHISPER_GPU_<NAME>, else <NAME>, else default)")
+    for spec in SETTINGS.values():
+        if spec.kind is bool:
+            group.add_argument(spec.flag, action=argparse.BooleanOptionalAction, default=None, help=spec.description)
+        else:
+            metavar = "TOKEN" if spec.secret else spec.name.upper()
+            group.add_argument(spec.flag, default=None, metavar=metavar, help=spec.description)
+
+
+def resolve_settings(flags: Mapping[str, Any], environ: Mapping[str, str]) -> ResolvedSettings:
+    """Apply precedence: flag, then WHISPER_GPU_<NAME>, then bare <NAME>, then the default.
+
+    Raises SettingError naming the setting and what it allows.
+    """
+    values: dict[str, Any] = {}
+    sources: dict[str, Source] = {}
+    for name, spec in SETTINGS.items():
+        flag_value = flags.get(name)
+        if flag_value is not None:
+            values[name] = spec.validate(flag_value) if isinstance(flag_value, bool) else spec.parse(str(flag_value))
+            sources[name] = Source.FLAG
+            continue
+        text, env_name = _from_environment(spec, environ)
+        if text is None:
+            values[name] = spec.default
+            sources[name] = Source.DEFAULT
+            continue
+        values[name] = spec.parse(text)
+        sources[name] = Source.ENV
+        _LOGGER.debug("%s from %s", name, env_name)
+    if not values["data_dir"]:
+        values["data_dir"] = str(default_data_dir(environ))
+    return ResolvedSettings(values, sources)
+
+
+def _from_environment(spec: SettingSpec, environ: Mapping[str, str]) -> tuple[str | None, str]:
+    prefixed = ENV_PREFIX + spec.env
+    if environ.get(prefixed, "").strip():
+        return environ[prefixed], prefixed
+    bare = environ.get(spec.env, "").strip()
+    if not bare:
+        return None, spec.env
+    if spec.name == "language" and _is_locale_list(bare):
+        _LOGGER.info(
+            "Ignoring LANGUAGE=%s: a locale list, not a Whisper language (set WHISPER_GPU_LANGUAGE instead)", bare
+        )
+        return None, spec.env
+    return bare, spec.env
+
+
+def _is_locale_list(text: str) -> bool:
+    try:
+        _check_language(text)
+    except vol.Invalid:
+        return bool(_LOCALE_LIST_PATTERN.match(text))
+    return False
+
+
+def default_data_dir(environ: Mapping[str, str]) -> Path:
+    """`/data` when it is writable (containers), else the user's data directory."""
+    container_data = Path("/data")
+    if container_data.is_dir() and os.access(container_data, os.W_OK):
+        return container_data
+    xdg = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "whisper-gpu"
+
+
+def validate_change(name: str, value: Any) -> Any:
+    """Check one field of a `PATCH`: known, changeable at run time, and valid."""
+    spec = SETTINGS.get(name)
+    if spec is None:
+        raise SettingError(name, ErrorCode.UNKNOWN_FIELD, "no such setting")
+    if not spec.runtime:
+        raise SettingError(name, ErrorCode.NOT_RUNTIME, "changes only with a restart")
+    return spec.validate(value)
+
+
+class SettingsStore:
+    """Runtime settings with their sources, kept in `DATA_DIR/settings.json` across restarts.
+
+    Flags and environment values are boot values. Each stored change remembers the boot value it replaced;
+    when the operator has since changed the boot value (a ConfigMap edit), the boot value wins.
+    """
+
+    FILE_NAME = "settings.json"
+
+    def __init__(self, boot: ResolvedSettings, data_dir: Path) -> None:
+        self._boot = boot
+        self._path = data_dir / self.FILE_NAME
+        self._values: dict[str, Any] = {name: boot.values[name] for name in RUNTIME_SETTINGS}
+        self._sources: dict[str, Source] = {name: boot.sources[name] for name in RUNTIME_SETTINGS}
+        self._overrides: dict[str, dict[str, Any]] = {}
+        self._load()
+
+    @property
+    def path(self) -> Path:
+        """Where changes are kept."""
+        return self._path
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """Effective runtime values (a copy)."""
+        return dict(self._values)
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Where each runtime value came from."""
+        return {name: str(source) for name, source in self._sources.items()}
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def apply(self, changes: Mapping[str, Any]) -> list[str]:
+        """Take validated values, persist them, and return the names whose value changed."""
+        changed = [name for name, value in changes.items() if self._values[name] != value]
+        for name in changed:
+            value = changes[name]
+            self._values[name] = value
+            if value == self._boot.values[name]:
+                self._overrides.pop(name, None)
+                self._sources[name] = self._boot.sources[name]
+            else:
+                self._overrides[name] = {"value": value, "boot": self._boot.values[name]}
+                self._sources[name] = Source.API
+        if changed:
+            self._save()
+        return changed
+
+    def _load(self) -> None:
+        try:
+            stored = json.loads(self._path.read_text(encoding="utf-8"))
+            overrides = stored["overrides"]
+            if not isinstance(overrides, dict):
+                raise TypeError("overrides is not an object")  # noqa: TRY301
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            _LOGGER.warning("Ignoring %s: unreadable (%s)", self._path, err)
+            return
+        for name, entry in overrides.items():
+            if not self._accept_stored(name, entry):
+                continue
+            self._values[name] = entry["value"]
+            self._sources[name] = Source.API
+            self._overrides[name] = entry
+        dropped = set(overrides) - set(self._overrides)
+        if dropped:
+            self._save()
+
+    def _accept_stored(self, name: str, entry: Any) -> bool:
+        if name not in RUNTIME_SETTINGS or not isinstance(entry, dict) or "value" not in entry:
+            _LOGGER.warning("Dropping stored setting %s: not a runtime setting", name)
+            return False
+        boot_value = self._boot.values[name]
+        if entry.get("boot") != boot_value:
+            _LOGGER.info(
+                "Dropping stored %s=%r: its boot value changed from %r to %r since it was set, and the boot value wins",
+                name,
+                entry["value"],
+                entry.get("boot"),
+                boot_value,
+            )
+            return False
+        try:
+            SETTINGS[name].validate(entry["value"])
+        except SettingError as err:
+            _LOGGER.warning("Dropping stored setting %s: %s", name, err.message)
+            return False
+        return True
+
+    def _save(self) -> None:
+        write_atomically(self._path, json.dumps({"version": 1, "overrides": self._overrides}, indent=2) + "\n")
+
+
+def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write through a temporary file and rename, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    temporary.replace(path)
