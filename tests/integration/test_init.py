@@ -1,0 +1,224 @@
+"""Setup, unload, migration, availability and the options mirror, with a real server."""
+
+from datetime import timedelta
+
+import pytest
+
+from custom_components.whisper_gpu.const import DOMAIN, SCAN_INTERVAL
+from homeassistant.config_entries import ConfigEntryState
+from homeassistant.const import STATE_UNAVAILABLE
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers import device_registry as dr, entity_registry as er, issue_registry as ir
+from homeassistant.util import dt as dt_util
+from pytest_homeassistant_custom_component.common import MockConfigEntry, async_fire_time_changed
+
+from .conftest import WhisperGpuServer
+
+ENTITIES = (
+    "stt.whisper_gpu_speech_to_text",
+    "select.whisper_gpu_model",
+    "sensor.whisper_gpu_model_state",
+    "sensor.whisper_gpu_loaded_model",
+    "sensor.whisper_gpu_last_request_duration",
+)
+
+
+async def setup_entry(hass: HomeAssistant, entry: MockConfigEntry) -> None:
+    """Add the entry to hass and set it up."""
+    entry.add_to_hass(hass)
+    await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+
+
+async def poll(hass: HomeAssistant) -> None:
+    """Let the coordinator's next poll run now."""
+    async_fire_time_changed(hass, dt_util.utcnow() + SCAN_INTERVAL + timedelta(seconds=1))
+    await hass.async_block_till_done()
+
+
+async def test_setup_unload_reload(
+    hass: HomeAssistant,
+    server: WhisperGpuServer,
+    config_entry: MockConfigEntry,
+    device_registry: dr.DeviceRegistry,
+    entity_registry: er.EntityRegistry,
+) -> None:
+    """One service device with its entities; reload and unload leave nothing behind."""
+    await setup_entry(hass, config_entry)
+    assert config_entry.state is ConfigEntryState.LOADED
+
+    device = device_registry.async_get_device(identifiers={(DOMAIN, server.server_id)})
+    assert device is not None
+    assert device.entry_type is dr.DeviceEntryType.SERVICE
+    assert device.sw_version == "0.1.0"
+    assert device.name == "whisper-gpu"
+    entities = er.async_entries_for_config_entry(entity_registry, config_entry.entry_id)
+    assert sorted(entity.entity_id for entity in entities) == sorted(ENTITIES)
+    assert all(entity.device_id == device.id for entity in entities)
+    assert all(entity.unique_id.startswith(server.server_id) for entity in entities)
+    assert hass.states.get("sensor.whisper_gpu_model_state").state == "ready"
+    assert hass.states.get("sensor.whisper_gpu_loaded_model").state == "tiny.en"
+    assert hass.states.get("select.whisper_gpu_model").state == "tiny.en"
+
+    assert await hass.config_entries.async_reload(config_entry.entry_id)
+    await hass.async_block_till_done()
+    assert config_entry.state is ConfigEntryState.LOADED
+
+    assert await hass.config_entries.async_unload(config_entry.entry_id)
+    await hass.async_block_till_done()
+    assert config_entry.state is ConfigEntryState.NOT_LOADED
+    assert all(hass.states.get(entity_id).state == STATE_UNAVAILABLE for entity_id in ENTITIES)
+
+
+async def test_setup_retries_while_server_down(
+    hass: HomeAssistant, server: WhisperGpuServer, closed_port: int
+) -> None:
+    """A server that does not answer at start: setup is retried, with the reason."""
+    entry = MockConfigEntry(domain=DOMAIN, unique_id=server.server_id, data=server.entry_data(control_port=closed_port))
+    await setup_entry(hass, entry)
+    assert entry.state is ConfigEntryState.SETUP_RETRY
+    assert entry.error_reason_translation_key == "cannot_connect"
+
+
+async def test_setup_retries_while_wyoming_down(
+    hass: HomeAssistant, server: WhisperGpuServer, closed_port: int
+) -> None:
+    """The control API answers but the Wyoming port does not: setup is retried."""
+    entry = MockConfigEntry(domain=DOMAIN, unique_id=server.server_id, data=server.entry_data(wyoming_port=closed_port))
+    await setup_entry(hass, entry)
+    assert entry.state is ConfigEntryState.SETUP_RETRY
+    assert entry.error_reason_translation_key == "wyoming_unreachable"
+
+
+async def test_migration_from_older_minor_version(hass: HomeAssistant, config_entry: MockConfigEntry) -> None:
+    """An entry stored by an older version is brought up to date and loads."""
+    config_entry.minor_version = 0
+    await setup_entry(hass, config_entry)
+    assert config_entry.state is ConfigEntryState.LOADED
+    assert (config_entry.version, config_entry.minor_version) == (1, 1)
+
+
+async def test_migration_refuses_newer_version(
+    hass: HomeAssistant, config_entry: MockConfigEntry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An entry stored by a newer version is not touched."""
+    config_entry.version = 2
+    await setup_entry(hass, config_entry)
+    assert config_entry.state is ConfigEntryState.MIGRATION_ERROR
+    assert config_entry.version == 2
+    assert "stored by a newer version (2.1)" in caplog.text
+
+
+async def test_options_follow_the_server(
+    hass: HomeAssistant, server: WhisperGpuServer, config_entry: MockConfigEntry
+) -> None:
+    """A change made on the server (curl, another client) shows up in the options."""
+    await setup_entry(hass, config_entry)
+    assert config_entry.options == {
+        name: server.settings()[name]
+        for name in (
+            "model",
+            "compute_type",
+            "language",
+            "beam_size",
+            "vad_threshold",
+            "min_speech_duration_ms",
+            "max_speech_duration_s",
+            "speech_pad_ms",
+        )
+    }
+
+    status, body = server.request("PATCH", "/api/v1/settings", {"beam_size": 2, "vad_threshold": 0.3})
+    assert status == 200, body
+    await poll(hass)
+
+    assert config_entry.options["beam_size"] == 2
+    assert config_entry.options["vad_threshold"] == 0.3
+    assert config_entry.state is ConfigEntryState.LOADED
+
+
+async def test_unavailable_while_down_and_back_by_itself(
+    hass: HomeAssistant,
+    own_server: WhisperGpuServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Down: unavailable, logged once. Back (restarted with a new boot value): available, options updated."""
+    own_server.start()
+    status, body = own_server.request("PATCH", "/api/v1/settings", {"beam_size": 3})
+    assert status == 200, body
+    entry = MockConfigEntry(domain=DOMAIN, title="whisper-gpu", unique_id=own_server.server_id, data=own_server.entry_data())
+    await setup_entry(hass, entry)
+    assert entry.options["beam_size"] == 3
+
+    own_server.stop()
+    await poll(hass)
+    await poll(hass)
+    assert all(hass.states.get(entity_id).state == STATE_UNAVAILABLE for entity_id in ENTITIES)
+    assert caplog.text.count("Error fetching whisper-gpu data") == 1
+
+    # The operator changed the ConfigMap: the boot value wins over the stored change.
+    own_server.start("--beam-size", "2")
+    await poll(hass)
+    await poll(hass)
+    assert hass.states.get("sensor.whisper_gpu_model_state").state == "ready"
+    assert hass.states.get("select.whisper_gpu_model").state == "tiny.en"
+    assert caplog.text.count("Fetching whisper-gpu data recovered") == 1
+    assert entry.options["beam_size"] == 2
+    assert entry.state is ConfigEntryState.LOADED
+
+
+async def test_reauth_when_token_changes_while_running(
+    hass: HomeAssistant, own_server: WhisperGpuServer
+) -> None:
+    """The server came back with another token: reauth starts by itself."""
+    own_server.start()
+    entry = MockConfigEntry(domain=DOMAIN, title="whisper-gpu", unique_id=own_server.server_id, data=own_server.entry_data())
+    await setup_entry(hass, entry)
+
+    own_server.stop()
+    await poll(hass)
+    own_server.token = "a-new-token"
+    own_server.start()
+    await poll(hass)
+
+    flows = hass.config_entries.flow.async_progress_by_handler(DOMAIN)
+    assert [flow["context"]["source"] for flow in flows] == ["reauth"]
+
+
+async def test_repair_issue_when_model_fails(
+    hass: HomeAssistant, own_server: WhisperGpuServer, issue_registry: ir.IssueRegistry
+) -> None:
+    """A model the offline server cannot get: a repair issue, gone when a model loads again."""
+    own_server.start()
+    entry = MockConfigEntry(domain=DOMAIN, title="whisper-gpu", unique_id=own_server.server_id, data=own_server.entry_data())
+    await setup_entry(hass, entry)
+    issue_id = f"model_failed_{entry.entry_id}"
+
+    status, body = own_server.request("PATCH", "/api/v1/settings", {"model": "small.en"})
+    assert status == 200, body
+    own_server.wait_state("failed")
+    await poll(hass)
+
+    issue = issue_registry.async_get_issue(DOMAIN, issue_id)
+    assert issue is not None
+    assert issue.translation_key == "model_failed"
+    assert issue.severity is ir.IssueSeverity.ERROR
+    assert issue.translation_placeholders["model"] == "tiny.en"
+    assert hass.states.get("sensor.whisper_gpu_model_state").state == "failed"
+    # The old model keeps serving.
+    assert hass.states.get("sensor.whisper_gpu_loaded_model").state == "tiny.en"
+
+    status, body = own_server.request("PATCH", "/api/v1/settings", {"model": "base"})
+    assert status == 200, body
+    own_server.wait_state("ready")
+    await poll(hass)
+    assert issue_registry.async_get_issue(DOMAIN, issue_id) is None
+    assert hass.states.get("sensor.whisper_gpu_loaded_model").state == "base"
+
+    # Unloading takes a remaining issue with it.
+    status, body = own_server.request("PATCH", "/api/v1/settings", {"model": "small.en"})
+    own_server.wait_state("failed")
+    await poll(hass)
+    assert issue_registry.async_get_issue(DOMAIN, issue_id) is not None
+    assert await hass.config_entries.async_unload(entry.entry_id)
+    assert issue_registry.async_get_issue(DOMAIN, issue_id) is None

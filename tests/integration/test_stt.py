@@ -1,0 +1,140 @@
+"""Speech-to-text through the real server, alone and in an Assist pipeline."""
+
+import asyncio
+from collections.abc import AsyncGenerator
+import re
+
+from custom_components.whisper_gpu.const import DOMAIN
+from homeassistant.components import stt
+from homeassistant.components.assist_pipeline import (
+    PipelineEvent,
+    PipelineEventType,
+    PipelineStage,
+    async_pipeline_from_audio_stream,
+)
+from homeassistant.components.assist_pipeline.pipeline import async_create_default_pipeline
+from homeassistant.core import Context, HomeAssistant
+from homeassistant.setup import async_setup_component
+from pytest_homeassistant_custom_component.common import MockConfigEntry
+
+from .conftest import UTTERANCE, WhisperGpuServer, audio_stream
+from .test_init import setup_entry
+
+ENTITY_ID = "stt.whisper_gpu_speech_to_text"
+
+
+def metadata(language: str = "en") -> stt.SpeechMetadata:
+    """Return the metadata of the pipeline's audio."""
+    return stt.SpeechMetadata(
+        language=language,
+        format=stt.AudioFormats.WAV,
+        codec=stt.AudioCodecs.PCM,
+        bit_rate=stt.AudioBitRates.BITRATE_16,
+        sample_rate=stt.AudioSampleRates.SAMPLERATE_16000,
+        channel=stt.AudioChannels.CHANNEL_MONO,
+    )
+
+
+def words(text: str | None) -> str:
+    """Return text in lower case without punctuation."""
+    return " ".join(re.sub(r"[^a-z0-9 ]", " ", (text or "").lower()).split())
+
+
+async def test_stt_entity(
+    hass: HomeAssistant, server: WhisperGpuServer, config_entry: MockConfigEntry, speech_pcm: bytes
+) -> None:
+    """An utterance streamed to the entity comes back as its text."""
+    await setup_entry(hass, config_entry)
+    entity = stt.async_get_speech_to_text_entity(hass, ENTITY_ID)
+    assert entity is not None
+    assert entity.supported_languages == ["en"]
+    assert entity.audio_processing.requires_external_vad is True
+    assert entity.check_metadata(metadata())
+
+    result = await entity.internal_async_process_audio_stream(metadata(), audio_stream(speech_pcm))
+
+    assert result.result is stt.SpeechResultState.SUCCESS
+    assert words(result.text) == UTTERANCE
+    assert hass.states.get(ENTITY_ID).state not in ("unknown", "unavailable")
+    await hass.async_block_till_done()
+    status, body = server.request("GET", "/api/v1/status")
+    assert status == 200
+    assert body["last_request"]["outcome"] == "ok"
+
+
+async def test_stt_error_from_server_stops_upload(
+    hass: HomeAssistant, config_entry: MockConfigEntry, speech_pcm: bytes
+) -> None:
+    """The server refuses the language at once: the upload stops early, the result is an error."""
+    await setup_entry(hass, config_entry)
+    entity = stt.async_get_speech_to_text_entity(hass, ENTITY_ID)
+    assert entity is not None
+    sent = 0
+    total = len(speech_pcm) // 2048 + 1
+
+    async def slow_stream() -> AsyncGenerator[bytes]:
+        nonlocal sent
+        async for chunk in audio_stream(speech_pcm):
+            sent += 1
+            yield chunk
+            await asyncio.sleep(0.02)
+
+    result = await entity.async_process_audio_stream(metadata("de"), slow_stream())
+
+    assert result == stt.SpeechResult(None, stt.SpeechResultState.ERROR)
+    assert sent < total
+
+
+async def test_stt_server_gone(
+    hass: HomeAssistant, own_server: WhisperGpuServer, speech_pcm: bytes
+) -> None:
+    """The Wyoming port closed: an error result, not an exception."""
+    own_server.start()
+    entry = MockConfigEntry(domain=DOMAIN, title="whisper-gpu", unique_id=own_server.server_id, data=own_server.entry_data())
+    await setup_entry(hass, entry)
+    entity = stt.async_get_speech_to_text_entity(hass, ENTITY_ID)
+    assert entity is not None
+    own_server.stop()
+
+    result = await entity.async_process_audio_stream(metadata(), audio_stream(speech_pcm))
+
+    assert result == stt.SpeechResult(None, stt.SpeechResultState.ERROR)
+
+
+async def test_assist_pipeline(
+    hass: HomeAssistant, config_entry: MockConfigEntry, speech_pcm: bytes
+) -> None:
+    """An Assist pipeline with this engine hears the command and hands it to the agent."""
+    assert await async_setup_component(hass, "homeassistant", {})
+    assert await async_setup_component(hass, "conversation", {})
+    assert await async_setup_component(hass, "assist_pipeline", {})
+    await setup_entry(hass, config_entry)
+    pipeline = await async_create_default_pipeline(
+        hass, stt_engine_id=ENTITY_ID, tts_engine_id=None, pipeline_name="whisper-gpu"
+    )
+    assert pipeline is not None
+    assert pipeline.stt_engine == ENTITY_ID
+    assert pipeline.stt_language == "en"
+    events: list[PipelineEvent] = []
+
+    # Silence after the command lets the pipeline's VAD find the end of speech.
+    audio = speech_pcm + bytes(16000 * 2 * 2)
+    await async_pipeline_from_audio_stream(
+        hass,
+        context=Context(),
+        event_callback=events.append,
+        stt_metadata=metadata(),
+        stt_stream=audio_stream(audio),
+        pipeline_id=pipeline.id,
+        end_stage=PipelineStage.INTENT,
+    )
+
+    by_type = {event.type: event for event in events}
+    assert PipelineEventType.ERROR not in by_type, by_type.get(PipelineEventType.ERROR)
+    stt_end = by_type[PipelineEventType.STT_END]
+    assert stt_end.data is not None
+    assert words(stt_end.data["stt_output"]["text"]) == UTTERANCE
+    intent_start = by_type[PipelineEventType.INTENT_START]
+    assert intent_start.data is not None
+    assert words(intent_start.data["intent_input"]) == UTTERANCE
+    assert PipelineEventType.INTENT_END in by_type
