@@ -1,0 +1,144 @@
+"""The model select and the sensors, on a real server."""
+
+from typing import Any
+
+import pytest
+
+from custom_components.whisper_gpu.const import DOMAIN
+from homeassistant.components import stt
+from homeassistant.components.select import ATTR_OPTION, ATTR_OPTIONS, SERVICE_SELECT_OPTION
+from homeassistant.components.select import DOMAIN as SELECT_DOMAIN
+from homeassistant.const import ATTR_ENTITY_ID, ATTR_UNIT_OF_MEASUREMENT
+from homeassistant.core import HomeAssistant
+from homeassistant.exceptions import HomeAssistantError
+from pytest_homeassistant_custom_component.common import MockConfigEntry
+
+from .conftest import SECOND_MODEL, TEST_MODEL, StubControlServer, WhisperGpuServer, audio_stream
+from .test_init import poll, setup_entry
+from .test_options_flow import mirror
+from .test_stt import ENTITY_ID as STT_ENTITY_ID
+from .test_stt import metadata
+
+SELECT_ENTITY_ID = "select.whisper_gpu_model"
+
+
+async def select_model(hass: HomeAssistant, option: str) -> None:
+    """Call select.select_option on the model select."""
+    await hass.services.async_call(
+        SELECT_DOMAIN,
+        SERVICE_SELECT_OPTION,
+        {ATTR_ENTITY_ID: SELECT_ENTITY_ID, ATTR_OPTION: option},
+        blocking=True,
+    )
+
+
+async def test_select_switches_model(
+    hass: HomeAssistant, server: WhisperGpuServer, config_entry: MockConfigEntry
+) -> None:
+    """Selecting a model switches the server; languages follow the new model."""
+    await setup_entry(hass, config_entry)
+    state = hass.states.get(SELECT_ENTITY_ID)
+    assert state.state == TEST_MODEL
+    assert SECOND_MODEL in state.attributes[ATTR_OPTIONS]
+
+    await select_model(hass, SECOND_MODEL)
+    assert server.settings()["model"] == SECOND_MODEL
+    assert config_entry.options["model"] == SECOND_MODEL
+    server.wait_state("ready")
+    await poll(hass)
+
+    assert hass.states.get(SELECT_ENTITY_ID).state == SECOND_MODEL
+    assert hass.states.get("sensor.whisper_gpu_loaded_model").state == SECOND_MODEL
+    entity = stt.async_get_speech_to_text_entity(hass, STT_ENTITY_ID)
+    assert entity is not None
+    assert "de" in entity.supported_languages
+
+
+@pytest.mark.parametrize(
+    ("answer", "translation_key", "reauth"),
+    [
+        ((400, {"errors": {"model": "insufficient_memory"}}), "setting_rejected", 0),
+        ((409, {"error": "reload_in_progress"}), "setting_rejected", 0),
+        ((401, {"error": "unauthorized"}), "invalid_auth", 1),
+        ((500, None), "cannot_connect", 0),
+    ],
+)
+async def test_select_errors(
+    hass: HomeAssistant,
+    server: WhisperGpuServer,
+    stub_server: StubControlServer,
+    answer: tuple[int, Any],
+    translation_key: str,
+    reauth: int,
+) -> None:
+    """A refused switch raises a translated error and changes nothing."""
+    mirror(stub_server, server)
+    stub_server.routes["PATCH", "/api/v1/settings"] = answer
+    entry = MockConfigEntry(
+        domain=DOMAIN, title="whisper-gpu", unique_id=server.server_id, data=server.entry_data(control_port=stub_server.port)
+    )
+    await setup_entry(hass, entry)
+
+    with pytest.raises(HomeAssistantError) as err:
+        await select_model(hass, SECOND_MODEL)
+
+    assert err.value.translation_domain == DOMAIN
+    assert err.value.translation_key == translation_key
+    assert hass.states.get(SELECT_ENTITY_ID).state == TEST_MODEL
+    assert entry.options["model"] == TEST_MODEL
+    assert len(hass.config_entries.flow.async_progress_by_handler(DOMAIN)) == reauth
+
+
+async def test_select_keeps_a_model_outside_the_list(
+    hass: HomeAssistant, server: WhisperGpuServer, stub_server: StubControlServer
+) -> None:
+    """A model directory set on the server shows as the current option."""
+    mirror(stub_server, server)
+    status, body = stub_server.routes["GET", "/api/v1/settings"]
+    body["settings"]["model"] = "/models/my-finetune"
+    stub_server.routes["GET", "/api/v1/settings"] = (status, body)
+    entry = MockConfigEntry(
+        domain=DOMAIN, title="whisper-gpu", unique_id=server.server_id, data=server.entry_data(control_port=stub_server.port)
+    )
+    await setup_entry(hass, entry)
+
+    state = hass.states.get(SELECT_ENTITY_ID)
+    assert state.state == "/models/my-finetune"
+    assert state.attributes[ATTR_OPTIONS][-1] == "/models/my-finetune"
+
+
+async def test_sensors(
+    hass: HomeAssistant, server: WhisperGpuServer, config_entry: MockConfigEntry, speech_pcm: bytes
+) -> None:
+    """Model state, loaded model and the last request's duration."""
+    await setup_entry(hass, config_entry)
+    state = hass.states.get("sensor.whisper_gpu_model_state")
+    assert state.state == "ready"
+    assert state.attributes["options"] == ["loading", "downloading", "ready", "failed"]
+
+    entity = stt.async_get_speech_to_text_entity(hass, STT_ENTITY_ID)
+    assert entity is not None
+    await entity.async_process_audio_stream(metadata(), audio_stream(speech_pcm))
+    await poll(hass)
+
+    latency = hass.states.get("sensor.whisper_gpu_last_request_duration")
+    assert float(latency.state) > 0
+    assert latency.attributes[ATTR_UNIT_OF_MEASUREMENT] == "ms"
+    _, status = server.request("GET", "/api/v1/status")
+    assert float(latency.state) == pytest.approx(status["last_request"]["duration_ms"])
+
+
+async def test_unknown_model_state(
+    hass: HomeAssistant, server: WhisperGpuServer, stub_server: StubControlServer
+) -> None:
+    """A state this version does not know reads as unknown, not as a wrong value."""
+    mirror(stub_server, server)
+    status, body = stub_server.routes["GET", "/api/v1/status"]
+    stub_server.routes["GET", "/api/v1/status"] = (status, {**body, "state": "warming_up", "last_request": None})
+    entry = MockConfigEntry(
+        domain=DOMAIN, title="whisper-gpu", unique_id=server.server_id, data=server.entry_data(control_port=stub_server.port)
+    )
+    await setup_entry(hass, entry)
+
+    assert hass.states.get("sensor.whisper_gpu_model_state").state == "unknown"
+    assert hass.states.get("sensor.whisper_gpu_last_request_duration").state == "unknown"

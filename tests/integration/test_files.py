@@ -1,0 +1,152 @@
+"""The files HACS and hassfest check, checked here since neither runs in this CI."""
+
+import json
+from pathlib import Path
+import re
+import tomllib
+
+from PIL import Image
+import probatio
+import pytest
+
+import homeassistant.components.wyoming as core_wyoming
+from homeassistant.const import __version__ as ha_version
+from homeassistant.core import HomeAssistant
+from homeassistant.loader import async_get_integration
+from homeassistant.util.json import JsonObjectType
+
+ROOT = Path(__file__).parents[2]
+INTEGRATION = ROOT / "custom_components" / "whisper_gpu"
+
+# hassfest's order of the manifest's keys: domain, name, then alphabetical.
+MANIFEST_KEYS = [
+    "domain",
+    "name",
+    "codeowners",
+    "config_flow",
+    "dependencies",
+    "documentation",
+    "integration_type",
+    "iot_class",
+    "issue_tracker",
+    "requirements",
+    "version",
+    "zeroconf",
+]
+# The keys HACS accepts in hacs.json (anything else fails its validation).
+HACS_SCHEMA = probatio.Schema(
+    {
+        probatio.Required("name"): str,
+        probatio.Optional("content_in_root"): bool,
+        probatio.Optional("country"): probatio.Any(str, [str]),
+        probatio.Optional("filename"): str,
+        probatio.Optional("hacs"): str,
+        probatio.Optional("hide_default_branch"): bool,
+        probatio.Optional("homeassistant"): str,
+        probatio.Optional("persistent_directory"): str,
+        probatio.Optional("render_readme"): bool,
+        probatio.Optional("zip_release"): bool,
+    },
+    extra=probatio.PREVENT_EXTRA,
+)
+
+
+def load(path: Path) -> JsonObjectType:
+    """Read a JSON file."""
+    data = json.loads(path.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def project_version() -> str:
+    """Return the project's one version (pyproject.toml, or the package it names)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    if "version" in project:
+        return str(project["version"])
+    init = (ROOT / "server" / "whisper_gpu" / "__init__.py").read_text()
+    match = re.search(r'^__version__ = "([^"]+)"', init, re.MULTILINE)
+    assert match is not None
+    return match.group(1)
+
+
+def test_manifest() -> None:
+    """Every key HACS and Home Assistant require, in hassfest's order, and the project's version."""
+    manifest = load(INTEGRATION / "manifest.json")
+    assert list(manifest) == MANIFEST_KEYS
+    assert manifest["domain"] == "whisper_gpu"
+    assert manifest["version"] == project_version()
+    assert manifest["integration_type"] == "service"
+    assert manifest["iot_class"] == "local_polling"
+    assert manifest["zeroconf"] == ["_whisper-gpu._tcp.local."]
+    assert manifest["config_flow"] is True
+    assert all(owner.startswith("@") for owner in manifest["codeowners"])
+    assert all(manifest[key].startswith("https://") for key in ("documentation", "issue_tracker"))
+
+
+def test_wyoming_requirement_matches_core() -> None:
+    """The same wyoming pin as Home Assistant's own wyoming integration: never a conflict."""
+    core = load(Path(core_wyoming.__file__).parent / "manifest.json")
+    ours = load(INTEGRATION / "manifest.json")
+    assert ours["requirements"] == [req for req in core["requirements"] if req.startswith("wyoming==")]
+
+
+def test_hacs_json() -> None:
+    """Only keys HACS accepts; the oldest Home Assistant tested is the one tested."""
+    hacs = HACS_SCHEMA(load(ROOT / "hacs.json"))
+    assert hacs["homeassistant"] == ha_version
+
+
+def test_license() -> None:
+    """An MIT licence (SPDX: MIT) with the project's copyright line."""
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("MIT License\n")
+    assert "Copyright (c) 2026 whisper-gpu developers" in text
+    assert "THE SOFTWARE IS PROVIDED \"AS IS\"" in text
+
+
+def test_brand_icon() -> None:
+    """A 256×256 PNG icon in brand/, which Home Assistant serves for custom integrations."""
+    with Image.open(INTEGRATION / "brand" / "icon.png") as icon:
+        assert icon.format == "PNG"
+        assert icon.size == (256, 256)
+
+
+async def test_integration_has_branding(hass: HomeAssistant) -> None:
+    """Home Assistant sees the brand folder."""
+    integration = await async_get_integration(hass, "whisper_gpu")
+    assert integration.has_branding
+
+
+def test_translations_are_the_strings() -> None:
+    """translations/en.json ships the literal strings (no [%key:...] references)."""
+    strings = (INTEGRATION / "strings.json").read_text()
+    assert (INTEGRATION / "translations" / "en.json").read_text() == strings
+    assert "[%key:" not in strings
+    assert "http://" not in strings
+    assert "https://" not in strings
+
+
+def test_every_error_and_reason_is_translated() -> None:
+    """Each error, abort reason, step and entity the code names has its text."""
+    strings = load(INTEGRATION / "strings.json")
+    code = "\n".join(path.read_text() for path in INTEGRATION.glob("*.py"))
+    config, options = strings["config"], strings["options"]
+    assert isinstance(config, dict)
+    assert isinstance(options, dict)
+    for error in set(re.findall(r'"base": "(\w+)"', code)) - {"unknown"}:
+        assert error in config["error"] or error in options["error"], error
+    for reason in re.findall(r'reason="(\w+)"', code):
+        assert reason in config["abort"] or reason in options["abort"], reason
+    for step in re.findall(r'step_id="(\w+)"', code):
+        assert step in config["step"] or step in options["step"], step
+    for key in re.findall(r'translation_key="(\w+)"', code):
+        assert any(key in group for group in (strings["exceptions"], strings["issues"])), key
+    from custom_components.whisper_gpu.const import SETTINGS_ERROR_CODES
+
+    assert SETTINGS_ERROR_CODES <= set(options["error"])
+
+
+@pytest.mark.parametrize("path", ["docs/home-assistant.md"])
+def test_docs_exist(path: str) -> None:
+    """The user guide is there."""
+    assert (ROOT / path).read_text().startswith("#")

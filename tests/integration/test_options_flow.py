@@ -1,0 +1,205 @@
+"""Options flow: the server's settings, read from it and pushed back to it."""
+
+from typing import Any
+
+import pytest
+
+from custom_components.whisper_gpu.const import DOMAIN
+from homeassistant.config_entries import ConfigEntryState
+from homeassistant.core import HomeAssistant
+from homeassistant.data_entry_flow import FlowResultType, section
+from pytest_homeassistant_custom_component.common import MockConfigEntry
+
+from .conftest import StubControlServer, WhisperGpuServer
+from .test_init import setup_entry
+
+SECTIONS = ("model_settings", "decoding", "voice_activity_detection")
+
+
+def form_input(settings: dict[str, Any], **changes: Any) -> dict[str, dict[str, Any]]:
+    """Return the options form's input: the server's settings with changes, in sections."""
+    values = {**settings, **changes}
+    return {
+        "model_settings": {name: values[name] for name in ("model", "compute_type")},
+        "decoding": {name: values[name] for name in ("language", "beam_size")},
+        "voice_activity_detection": {
+            name: values[name]
+            for name in ("vad_threshold", "min_speech_duration_ms", "max_speech_duration_s", "speech_pad_ms")
+        },
+    }
+
+
+def mirror(stub: StubControlServer, server: WhisperGpuServer) -> None:
+    """Make the stub answer the reads as the real server does."""
+    for path in ("/api/v1/info", "/api/v1/settings", "/api/v1/status"):
+        stub.routes["GET", path] = server.request("GET", path)
+    stub.routes["GET", "/api/v1/auth"] = (204, None)
+
+
+async def test_options_form_is_built_from_the_server(
+    hass: HomeAssistant, server: WhisperGpuServer, config_entry: MockConfigEntry
+) -> None:
+    """Sections with the server's models, languages and ranges; a change is sent and mirrored."""
+    await setup_entry(hass, config_entry)
+    settings = server.settings()
+
+    result = await hass.config_entries.options.async_init(config_entry.entry_id)
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "init"
+    schema = result["data_schema"].schema
+    assert [str(key) for key in schema] == list(SECTIONS)
+    sections = {str(key): value for key, value in schema.items()}
+    assert all(isinstance(value, section) for value in sections.values())
+    assert sections["voice_activity_detection"].options == {"collapsed": True}
+    fields = {str(key): (key, value) for value in sections.values() for key, value in value.schema.schema.items()}
+    assert set(fields) == {
+        "model",
+        "compute_type",
+        "language",
+        "beam_size",
+        "vad_threshold",
+        "min_speech_duration_ms",
+        "max_speech_duration_s",
+        "speech_pad_ms",
+    }
+    _, body = server.request("GET", "/api/v1/info")
+    model_key, model_selector = fields["model"]
+    assert model_selector.config["options"] == [model["name"] for model in body["models"] if model["usable"]]
+    assert model_key.description == {"suggested_value": settings["model"]}
+    assert fields["language"][1].config["options"] == body["languages"]
+    beam_key, _ = fields["beam_size"]
+    assert beam_key.description == {"suggested_value": settings["beam_size"]}
+    vad_selector = fields["vad_threshold"][1]
+    assert (vad_selector.config["min"], vad_selector.config["max"], vad_selector.config["mode"]) == (0, 1, "slider")
+
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"], form_input(settings, beam_size=3, vad_threshold=0.4, speech_pad_ms=300)
+    )
+    await hass.async_block_till_done()
+
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    new_settings = server.settings()
+    assert (new_settings["beam_size"], new_settings["vad_threshold"], new_settings["speech_pad_ms"]) == (3, 0.4, 300)
+    assert config_entry.options == result["data"]
+    assert config_entry.options["beam_size"] == 3
+    assert type(config_entry.options["speech_pad_ms"]) is int
+    assert config_entry.state is ConfigEntryState.LOADED
+
+
+async def test_options_sends_only_changes(
+    hass: HomeAssistant, server: WhisperGpuServer, stub_server: StubControlServer
+) -> None:
+    """Unchanged values are not sent: a setting the operator changed stays the operator's."""
+    mirror(stub_server, server)
+    settings = server.settings()
+    stub_server.routes["PATCH", "/api/v1/settings"] = (
+        200,
+        {"settings": {**settings, "beam_size": 1}, "changed": ["beam_size"], "reload": False},
+    )
+    entry = MockConfigEntry(domain=DOMAIN, data=server.entry_data(control_port=stub_server.port))
+    entry.add_to_hass(hass)
+
+    result = await hass.config_entries.options.async_init(entry.entry_id)
+    result = await hass.config_entries.options.async_configure(result["flow_id"], form_input(settings))
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert [request for request in stub_server.requests if request[0] == "PATCH"] == []
+
+    result = await hass.config_entries.options.async_init(entry.entry_id)
+    result = await hass.config_entries.options.async_configure(result["flow_id"], form_input(settings, beam_size=1))
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert [request for request in stub_server.requests if request[0] == "PATCH"] == [
+        ("PATCH", "/api/v1/settings", {"beam_size": 1})
+    ]
+    assert entry.options["beam_size"] == 1
+
+
+async def test_options_unknown_model_on_real_server(
+    hass: HomeAssistant, server: WhisperGpuServer, config_entry: MockConfigEntry
+) -> None:
+    """A typed-in model the server does not know: the error shows on the model section."""
+    config_entry.add_to_hass(hass)
+    settings = server.settings()
+
+    result = await hass.config_entries.options.async_init(config_entry.entry_id)
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"], form_input(settings, model="no-such-model")
+    )
+
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {"model_settings": "unknown_model"}
+    assert server.settings()["model"] == settings["model"]
+    # The form keeps what the user typed.
+    model_key = next(key for value in result["data_schema"].schema.values() for key in value.schema.schema)
+    assert model_key.description == {"suggested_value": "no-such-model"}
+
+
+@pytest.mark.parametrize(
+    ("answer", "errors"),
+    [
+        ((400, {"errors": {"base": "invalid_json"}}), {"base": "invalid_json"}),
+        ((400, {"errors": {"device": "unknown_field"}}), {"base": "unknown_field"}),
+        ((400, {"errors": {"beam_size": "not_runtime"}}), {"decoding": "not_runtime"}),
+        ((400, {"errors": {"beam_size": "invalid_value"}}), {"decoding": "invalid_value"}),
+        ((400, {"errors": {"vad_threshold": "out_of_range"}}), {"voice_activity_detection": "out_of_range"}),
+        ((400, {"errors": {"model": "unknown_model"}}), {"model_settings": "unknown_model"}),
+        ((400, {"errors": {"compute_type": "not_supported_on_device"}}), {"model_settings": "not_supported_on_device"}),
+        ((400, {"errors": {"language": "not_supported_by_model"}}), {"decoding": "not_supported_by_model"}),
+        ((400, {"errors": {"model": "insufficient_memory"}}), {"model_settings": "insufficient_memory"}),
+        ((400, {"errors": {"model": "something_new"}}), {"model_settings": "unknown_setting_error"}),
+        ((400, {"no": "errors"}), {"base": "unknown_setting_error"}),
+        ((409, {"error": "reload_in_progress"}), {"base": "reload_in_progress"}),
+        ((413, {"error": "body_too_large"}), {"base": "body_too_large"}),
+        ((413, None), {"base": "unknown_setting_error"}),
+        ((401, {"error": "unauthorized"}), {"base": "invalid_auth"}),
+        ((500, None), {"base": "cannot_connect"}),
+    ],
+)
+async def test_options_server_errors(
+    hass: HomeAssistant,
+    server: WhisperGpuServer,
+    stub_server: StubControlServer,
+    answer: tuple[int, Any],
+    errors: dict[str, str],
+) -> None:
+    """Every error the server answers becomes a translated form error."""
+    mirror(stub_server, server)
+    stub_server.routes["PATCH", "/api/v1/settings"] = answer
+    entry = MockConfigEntry(domain=DOMAIN, data=server.entry_data(control_port=stub_server.port))
+    entry.add_to_hass(hass)
+    settings = server.settings()
+
+    result = await hass.config_entries.options.async_init(entry.entry_id)
+    result = await hass.config_entries.options.async_configure(result["flow_id"], form_input(settings, beam_size=2))
+
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == errors
+    reauth = [flow for flow in hass.config_entries.flow.async_progress_by_handler(DOMAIN)]
+    assert len(reauth) == (1 if answer[0] == 401 else 0)
+    assert entry.options == {}
+
+
+async def test_options_server_gone_after_opening(
+    hass: HomeAssistant, server: WhisperGpuServer, stub_server: StubControlServer
+) -> None:
+    """The server went away while the form was open: cannot_connect, then success once it is back."""
+    mirror(stub_server, server)
+    entry = MockConfigEntry(domain=DOMAIN, data=server.entry_data(control_port=stub_server.port))
+    entry.add_to_hass(hass)
+    settings = server.settings()
+    result = await hass.config_entries.options.async_init(entry.entry_id)
+
+    await stub_server.stop()
+    result = await hass.config_entries.options.async_configure(result["flow_id"], form_input(settings, beam_size=2))
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {"base": "cannot_connect"}
+
+
+async def test_options_server_down(hass: HomeAssistant, server: WhisperGpuServer, closed_port: int) -> None:
+    """The server does not answer: the options cannot be shown."""
+    entry = MockConfigEntry(domain=DOMAIN, data=server.entry_data(control_port=closed_port))
+    entry.add_to_hass(hass)
+
+    result = await hass.config_entries.options.async_init(entry.entry_id)
+
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "cannot_connect"
