@@ -1,0 +1,361 @@
+"""Every kustomization renders, every object is valid Kubernetes, and the deployment keeps its promises.
+
+Each overlay is built, and each component on top of the base, with `kubectl kustomize`; core objects are
+validated strictly with kubernetes-validate, the ServiceMonitor (a custom resource it has no schema for)
+field by field here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from packaging_support import KUSTOMIZE, load_yaml, project_version
+
+KUBECTL = shutil.which("kubectl")
+pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl (with kustomize) is not installed")
+# The oldest Kubernetes release still in common use, and the newest the validator knows.
+KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
+NAMESPACE = "whisper"
+SEED_SETTINGS = {
+    "MODEL", "LANGUAGE", "COMPUTE_TYPE", "BEAM_SIZE", "VAD_THRESHOLD", "MIN_SPEECH_DURATION_MS",
+    "MAX_SPEECH_DURATION_S", "SPEECH_PAD_MS",
+}  # fmt: skip
+DURATION = re.compile(r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$")
+SERVICEMONITOR_SPEC_FIELDS = {
+    "attachMetadata", "bodySizeLimit", "convertClassicHistogramsToNHCB", "endpoints", "fallbackScrapeProtocol",
+    "jobLabel", "keepDroppedTargets", "labelLimit", "labelNameLengthLimit", "labelValueLengthLimit",
+    "namespaceSelector", "nativeHistogramBucketLimit", "nativeHistogramMinBucketFactor", "podTargetLabels",
+    "sampleLimit", "scrapeClass", "scrapeClassicHistograms", "scrapeProtocols", "selector", "selectorMechanism",
+    "serviceDiscoveryRole", "targetLabels", "targetLimit",
+}  # fmt: skip
+SERVICEMONITOR_ENDPOINT_FIELDS = {
+    "authorization", "basicAuth", "bearerTokenFile", "bearerTokenSecret", "enableHttp2", "filterRunning",
+    "followRedirects", "honorLabels", "honorTimestamps", "interval", "metricRelabelings", "noProxy", "oauth2",
+    "params", "path", "port", "proxyConnectHeader", "proxyFromEnvironment", "proxyUrl", "relabelings", "scheme",
+    "scrapeTimeout", "targetPort", "tlsConfig", "trackTimestampsStaleness",
+}  # fmt: skip
+CLUSTER_SCOPED = {"Namespace"}
+
+
+def kustomization_dirs(kind: str) -> list[Path]:
+    found = []
+    for path in sorted(KUSTOMIZE.rglob("kustomization.yaml")):
+        declared = load_yaml(path).get("kind", "Kustomization")
+        if declared == kind:
+            found.append(path.parent)
+    return found
+
+
+OVERLAYS = kustomization_dirs("Kustomization")
+COMPONENTS = kustomization_dirs("Component")
+
+
+@dataclass
+class Build:
+    """One rendered kustomization and the components it was built with."""
+
+    name: str
+    objects: list[dict[str, Any]]
+    components: set[str] = field(default_factory=set)
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [obj for obj in self.objects if obj["kind"] == kind]
+
+    def one(self, kind: str, name: str) -> dict[str, Any]:
+        matches = [obj for obj in self.of_kind(kind) if obj["metadata"]["name"] == name]
+        assert len(matches) == 1, f"{self.name}: expected one {kind} {name}"
+        return matches[0]
+
+    @property
+    def pod(self) -> dict[str, Any]:
+        return self.one("Deployment", "whisper-gpu")["spec"]["template"]
+
+    @property
+    def container(self) -> dict[str, Any]:
+        containers = self.pod["spec"]["containers"]
+        assert len(containers) == 1
+        return containers[0]
+
+    @property
+    def gpu(self) -> bool:
+        return "cpu-only" not in self.components and "overlays/cpu" not in self.name
+
+
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    result = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, f"kubectl kustomize {directory}: {result.stderr}"
+    return [obj for obj in yaml.safe_load_all(result.stdout) if obj]
+
+
+def compose(workdir: Path, resources: list[Path], components: list[Path]) -> list[dict[str, Any]]:
+    """Render an overlay made on the spot (kustomize wants paths relative to the kustomization)."""
+    workdir.mkdir(parents=True)
+    relative = lambda path: os.path.relpath(path, workdir)  # noqa: E731
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [relative(path) for path in resources],
+        "components": [relative(path) for path in components],
+    }
+    (workdir / "kustomization.yaml").write_text(yaml.safe_dump(kustomization), encoding="utf-8")
+    return kustomize(workdir)
+
+
+def _name(path: Path) -> str:
+    return str(path.relative_to(KUSTOMIZE))
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory: pytest.TempPathFactory) -> list[Build]:
+    work = tmp_path_factory.mktemp("kustomize")
+    rendered = [Build(_name(path), kustomize(path)) for path in OVERLAYS]
+    base = KUSTOMIZE / "base"
+    for component in COMPONENTS:
+        name = component.name
+        rendered.append(Build(f"base+{name}", compose(work / name, [base], [component]), {name}))
+    # Components are meant to be combined: the GPU node reached from outside and monitored, and the CPU variant.
+    combinations = {
+        "overlays/yeezyai": ["servicemonitor", "external-loadbalancer"],
+        "overlays/cpu": ["servicemonitor", "external-nodeport"],
+    }
+    for overlay, names in combinations.items():
+        paths = [KUSTOMIZE / "components" / name for name in names]
+        label = f"{overlay}+{'+'.join(names)}"
+        rendered.append(Build(label, compose(work / label.replace("/", "_"), [KUSTOMIZE / overlay], paths), set(names)))
+    return rendered
+
+
+def each(builds: list[Build]) -> Iterator[tuple[Build, dict[str, Any]]]:
+    for build in builds:
+        for obj in build.objects:
+            yield build, obj
+
+
+def test_every_overlay_and_component_is_rendered(builds: list[Build]) -> None:
+    names = {build.name for build in builds}
+    assert {"base", "overlays/yeezyai", "overlays/cpu"} <= names
+    used = set().union(*(build.components for build in builds))
+    assert used == {component.name for component in COMPONENTS}
+    assert {"node-yeezyai", "cpu-only", "external-loadbalancer", "external-nodeport", "servicemonitor"} <= used
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_core_object_is_valid(builds: list[Build], version: str) -> None:
+    for build, obj in each(builds):
+        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            pytest.fail(f"{build.name}: {obj['kind']} {obj['metadata']['name']}: {err.message} at {list(err.path)}")
+
+
+def test_everything_lives_in_the_whisper_namespace(builds: list[Build]) -> None:
+    for build, obj in each(builds):
+        if obj["kind"] in CLUSTER_SCOPED:
+            continue
+        assert obj["metadata"].get("namespace") == NAMESPACE, f"{build.name}: {obj['kind']} {obj['metadata']['name']}"
+
+
+def test_the_seed_names_are_kept(builds: list[Build]) -> None:
+    for build in builds:
+        build.one("Namespace", NAMESPACE)
+        build.one("Deployment", "whisper-gpu")
+        build.one("ConfigMap", "whisper-gpu-configmap")
+        service = build.one("Service", "whisper-gpu")
+        assert service["spec"]["type"] == "ClusterIP"
+        assert {(port["name"], port["port"]) for port in service["spec"]["ports"]} == {
+            ("wyoming", 10300),
+            ("control", 10301),
+        }
+
+
+def test_configmap_holds_server_settings(builds: list[Build], server_settings: dict[str, Any]) -> None:
+    by_env = {spec.env: spec for spec in server_settings.values()}
+    for build in builds:
+        data = build.one("ConfigMap", "whisper-gpu-configmap")["data"]
+        assert set(data) >= SEED_SETTINGS
+        for key, value in data.items():
+            assert key in by_env, f"{build.name}: {key} is no server setting"
+            by_env[key].parse(value)
+        env = {item["name"]: item.get("value") for item in build.container.get("env", [])}
+        assert set(env) <= set(by_env), f"{build.name}: container env names that are no settings"
+
+
+def test_one_hardened_replica(builds: list[Build]) -> None:
+    for build in builds:
+        deployment = build.one("Deployment", "whisper-gpu")
+        assert deployment["spec"]["replicas"] == 1
+        assert deployment["spec"]["strategy"]["type"] == "Recreate", "one GPU and a ReadWriteOnce volume"
+        pod = build.pod["spec"]
+        assert pod["securityContext"]["runAsUser"] == 1000
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["fsGroup"] == 1000
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert pod["enableServiceLinks"] is False, "service links put WHISPER_GPU_* variables into the environment"
+        context = build.container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["readOnlyRootFilesystem"] is True
+        assert context["capabilities"]["drop"] == ["ALL"]
+
+
+def test_data_and_tmp_are_the_writable_places(builds: list[Build]) -> None:
+    for build in builds:
+        mounts = {mount["mountPath"]: mount for mount in build.container["volumeMounts"]}
+        volumes = {volume["name"]: volume for volume in build.pod["spec"]["volumes"]}
+        data = volumes[mounts["/data"]["name"]]
+        claim = build.one("PersistentVolumeClaim", data["persistentVolumeClaim"]["claimName"])
+        assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+        assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+        for path, mount in mounts.items():
+            if path not in ("/data", "/tmp"):
+                assert mount.get("readOnly") is True, f"{build.name}: {path} is writable"
+
+
+def test_control_token_comes_from_the_operators_secret(builds: list[Build]) -> None:
+    for build in builds:
+        assert not build.of_kind("Secret"), "no token in the repository: the operator creates the Secret"
+        env = {item["name"]: item for item in build.container["env"]}
+        assert "CONTROL_TOKEN" not in env
+        token_path = Path(env["CONTROL_TOKEN_FILE"]["value"])
+        mount = next(m for m in build.container["volumeMounts"] if Path(m["mountPath"]) == token_path.parent)
+        volume = next(v for v in build.pod["spec"]["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["secretName"] == "whisper-gpu-control"
+        assert {"key": "token", "path": token_path.name} in volume["secret"]["items"]
+        assert volume["secret"].get("optional") is not True, "without the Secret the pod must not start"
+
+
+def test_probes(builds: list[Build]) -> None:
+    for build in builds:
+        container = build.container
+        ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+        assert ports == {"wyoming": 10300, "control": 10301}
+        for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+            http = container[probe]["httpGet"]
+            assert (http["path"], ports.get(http["port"], http["port"])) == (path, 10301), probe
+        startup = container["startupProbe"]
+        assert startup["httpGet"]["path"] in ("/readyz", "/healthz")
+        allowed_s = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+        assert allowed_s >= 20 * 60, "the first start downloads the model: allow at least 20 minutes"
+
+
+def test_gpu_builds_have_the_seeds_resources(builds: list[Build]) -> None:
+    for build in builds:
+        resources = build.container["resources"]
+        assert (resources["requests"]["cpu"], resources["limits"]["cpu"]) == ("2", "4")
+        assert (resources["requests"]["memory"], resources["limits"]["memory"]) == ("2Gi", "4Gi")
+        if build.gpu:
+            assert build.pod["spec"]["runtimeClassName"] == "nvidia"
+            assert resources["limits"]["nvidia.com/gpu"] == 1
+        else:
+            assert "runtimeClassName" not in build.pod["spec"]
+            assert "nvidia.com/gpu" not in yaml.safe_dump(build.objects)
+            data = build.one("ConfigMap", "whisper-gpu-configmap")["data"]
+            assert (data["DEVICE"], data["COMPUTE_TYPE"]) == ("cpu", "int8")
+            assert build.container["image"].split(":")[0].endswith("whisper-gpu-cpu")
+
+
+def test_node_pin(builds: list[Build]) -> None:
+    for build in builds:
+        selector = build.pod["spec"].get("nodeSelector", {})
+        pinned = "node-yeezyai" in build.components or build.name.startswith("overlays/yeezyai")
+        assert selector == ({"kubernetes.io/hostname": "yeezyai"} if pinned else {}), build.name
+
+
+def test_overlay_images_are_set_and_tagged_with_the_version(builds: list[Build]) -> None:
+    for build in builds:
+        image = build.container["image"]
+        name, _, tag = image.rpartition(":")
+        assert tag == project_version(), f"{build.name}: {image}"
+        if build.name.startswith("overlays/"):
+            assert "/" in name, f"{build.name}: set the registry with an `images:` entry ({image})"
+
+
+def test_services_reach_the_pod(builds: list[Build]) -> None:
+    for build in builds:
+        labels = build.pod["metadata"]["labels"]
+        container_ports = {port["name"] for port in build.container["ports"]}
+        for service in build.of_kind("Service"):
+            selector = service["spec"]["selector"]
+            assert selector.items() <= labels.items(), f"{service['metadata']['name']} selects no pod"
+            for port in service["spec"]["ports"]:
+                assert port["targetPort"] in container_ports
+        external = [s for s in build.of_kind("Service") if s["spec"]["type"] in ("LoadBalancer", "NodePort")]
+        expect_external = bool(build.components & {"external-loadbalancer", "external-nodeport"})
+        assert bool(external) == expect_external, build.name
+        for service in external:
+            assert {port["port"] for port in service["spec"]["ports"]} == {10300, 10301}
+
+
+def _admitted(build: Build, peer: dict[str, Any]) -> set[int]:
+    """Pod ports a peer may reach under the build's NetworkPolicies."""
+    ports: set[int] = set()
+    for policy in build.of_kind("NetworkPolicy"):
+        if not policy["spec"]["podSelector"]["matchLabels"].items() <= build.pod["metadata"]["labels"].items():
+            continue
+        for rule in policy["spec"].get("ingress", []):
+            if peer in rule.get("from", []):
+                ports |= {port["port"] for port in rule["ports"]}
+    return ports
+
+
+def test_network_policy_admits_home_assistant_and_monitoring(builds: list[Build]) -> None:
+    home_assistant = {"namespaceSelector": {"matchLabels": {"whisper-gpu/home-assistant": "true"}}}
+    monitoring = {"namespaceSelector": {"matchLabels": {"whisper-gpu/monitoring": "true"}}}
+    for build in builds:
+        assert _admitted(build, home_assistant) == {10300, 10301}
+        assert _admitted(build, monitoring) == {10301}
+        assert _admitted(build, {"namespaceSelector": {}}) == set(), "no namespace is admitted wholesale"
+        if build.components & {"external-loadbalancer", "external-nodeport"}:
+            blocks = [
+                peer
+                for policy in build.of_kind("NetworkPolicy")
+                for rule in policy["spec"]["ingress"]
+                for peer in rule["from"]
+                if "ipBlock" in peer
+            ]
+            assert blocks, "Home Assistant outside the cluster needs an ipBlock"
+            assert all(_admitted(build, peer) == {10300, 10301} for peer in blocks)
+
+
+def test_servicemonitor_scrapes_the_control_port(builds: list[Build]) -> None:
+    monitored = [build for build in builds if "servicemonitor" in build.components]
+    assert monitored
+    for build in monitored:
+        (monitor,) = build.of_kind("ServiceMonitor")
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        spec = monitor["spec"]
+        assert set(spec) <= SERVICEMONITOR_SPEC_FIELDS, set(spec) - SERVICEMONITOR_SPEC_FIELDS
+        assert "namespaceSelector" not in spec or spec["namespaceSelector"].get("matchNames") == [NAMESPACE]
+        selected = [
+            service
+            for service in build.of_kind("Service")
+            if spec["selector"]["matchLabels"].items() <= service["metadata"].get("labels", {}).items()
+        ]
+        assert [s["metadata"]["name"] for s in selected] == ["whisper-gpu"], "scrape the pod once, not per Service"
+        service_ports = {port["name"]: port for port in selected[0]["spec"]["ports"]}
+        assert spec["endpoints"]
+        for endpoint in spec["endpoints"]:
+            assert set(endpoint) <= SERVICEMONITOR_ENDPOINT_FIELDS, set(endpoint) - SERVICEMONITOR_ENDPOINT_FIELDS
+            assert service_ports[endpoint["port"]]["targetPort"] == "control"
+            assert endpoint.get("path", "/metrics") == "/metrics"
+            interval = endpoint.get("interval", "30s")
+            timeout = endpoint.get("scrapeTimeout", "10s")
+            assert DURATION.match(interval)
+            assert DURATION.match(timeout)
+            assert _seconds(timeout) <= _seconds(interval)
+
+
+def _seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+)(ms|[smhdwy])", duration))
