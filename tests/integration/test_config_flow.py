@@ -23,7 +23,7 @@ from homeassistant.helpers.service_info.hassio import HassioServiceInfo
 from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
-from .conftest import HOST, StubControlServer, WhisperGpuServer
+from .common import HOST, StubControlServer, WhisperGpuServer
 
 OTHER_HOST = "192.0.2.10"  # TEST-NET-1: never contacted, only stored
 

@@ -7,8 +7,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from pytest_homeassistant_custom_component.components.diagnostics import get_diagnostics_for_config_entry
 from pytest_homeassistant_custom_component.typing import ClientSessionGenerator
 
-from .conftest import WhisperGpuServer
-from .test_init import setup_entry
+from .common import WhisperGpuServer, setup_entry
 
 
 async def test_diagnostics_redact_token_and_host(

@@ -13,11 +13,19 @@ from homeassistant.core import HomeAssistant
 from homeassistant.exceptions import HomeAssistantError
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
-from .conftest import SECOND_MODEL, TEST_MODEL, StubControlServer, WhisperGpuServer, audio_stream
-from .test_init import poll, setup_entry
-from .test_options_flow import mirror
-from .test_stt import ENTITY_ID as STT_ENTITY_ID
-from .test_stt import metadata
+from .common import (
+    SECOND_MODEL,
+    TEST_MODEL,
+    StubControlServer,
+    WhisperGpuServer,
+    audio_stream,
+    metadata,
+    mirror,
+    poll,
+    setup_entry,
+)
+
+STT_ENTITY_ID = "stt.whisper_gpu_speech_to_text"
 
 SELECT_ENTITY_ID = "select.whisper_gpu_model"
 

@@ -140,7 +140,8 @@ def test_every_error_and_reason_is_translated() -> None:
     for step in re.findall(r'step_id="(\w+)"', code):
         assert step in config["step"] or step in options["step"], step
     for key in re.findall(r'translation_key="(\w+)"', code):
-        assert any(key in group for group in (strings["exceptions"], strings["issues"])), key
+        groups = [strings["exceptions"], strings["issues"], *strings["entity"].values()]
+        assert any(key in group for group in groups), key
     from custom_components.whisper_gpu.const import SETTINGS_ERROR_CODES
 
     assert SETTINGS_ERROR_CODES <= set(options["error"])

@@ -1,18 +1,15 @@
 """Setup, unload, migration, availability and the options mirror, with a real server."""
 
-from datetime import timedelta
-
 import pytest
 
-from custom_components.whisper_gpu.const import DOMAIN, SCAN_INTERVAL
+from custom_components.whisper_gpu.const import DOMAIN
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.const import STATE_UNAVAILABLE
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import device_registry as dr, entity_registry as er, issue_registry as ir
-from homeassistant.util import dt as dt_util
-from pytest_homeassistant_custom_component.common import MockConfigEntry, async_fire_time_changed
+from pytest_homeassistant_custom_component.common import MockConfigEntry
 
-from .conftest import WhisperGpuServer
+from .common import WhisperGpuServer, poll, setup_entry
 
 ENTITIES = (
     "stt.whisper_gpu_speech_to_text",
@@ -21,19 +18,6 @@ ENTITIES = (
     "sensor.whisper_gpu_loaded_model",
     "sensor.whisper_gpu_last_request_duration",
 )
-
-
-async def setup_entry(hass: HomeAssistant, entry: MockConfigEntry) -> None:
-    """Add the entry to hass and set it up."""
-    entry.add_to_hass(hass)
-    await hass.config_entries.async_setup(entry.entry_id)
-    await hass.async_block_till_done()
-
-
-async def poll(hass: HomeAssistant) -> None:
-    """Let the coordinator's next poll run now."""
-    async_fire_time_changed(hass, dt_util.utcnow() + SCAN_INTERVAL + timedelta(seconds=1))
-    await hass.async_block_till_done()
 
 
 async def test_setup_unload_reload(

@@ -10,8 +10,7 @@ from homeassistant.core import HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType, section
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
-from .conftest import StubControlServer, WhisperGpuServer
-from .test_init import setup_entry
+from .common import StubControlServer, WhisperGpuServer, mirror, setup_entry
 
 SECTIONS = ("model_settings", "decoding", "voice_activity_detection")
 
@@ -27,13 +26,6 @@ def form_input(settings: dict[str, Any], **changes: Any) -> dict[str, dict[str, 
             for name in ("vad_threshold", "min_speech_duration_ms", "max_speech_duration_s", "speech_pad_ms")
         },
     }
-
-
-def mirror(stub: StubControlServer, server: WhisperGpuServer) -> None:
-    """Make the stub answer the reads as the real server does."""
-    for path in ("/api/v1/info", "/api/v1/settings", "/api/v1/status"):
-        stub.routes["GET", path] = server.request("GET", path)
-    stub.routes["GET", "/api/v1/auth"] = (204, None)
 
 
 async def test_options_form_is_built_from_the_server(

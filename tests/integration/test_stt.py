@@ -2,7 +2,6 @@
 
 import asyncio
 from collections.abc import AsyncGenerator
-import re
 
 from custom_components.whisper_gpu.const import DOMAIN
 from homeassistant.components import stt
@@ -17,27 +16,9 @@ from homeassistant.core import Context, HomeAssistant
 from homeassistant.setup import async_setup_component
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
-from .conftest import UTTERANCE, WhisperGpuServer, audio_stream
-from .test_init import setup_entry
+from .common import UTTERANCE, WhisperGpuServer, audio_stream, metadata, setup_entry, words
 
 ENTITY_ID = "stt.whisper_gpu_speech_to_text"
-
-
-def metadata(language: str = "en") -> stt.SpeechMetadata:
-    """Return the metadata of the pipeline's audio."""
-    return stt.SpeechMetadata(
-        language=language,
-        format=stt.AudioFormats.WAV,
-        codec=stt.AudioCodecs.PCM,
-        bit_rate=stt.AudioBitRates.BITRATE_16,
-        sample_rate=stt.AudioSampleRates.SAMPLERATE_16000,
-        channel=stt.AudioChannels.CHANNEL_MONO,
-    )
-
-
-def words(text: str | None) -> str:
-    """Return text in lower case without punctuation."""
-    return " ".join(re.sub(r"[^a-z0-9 ]", " ", (text or "").lower()).split())
 
 
 async def test_stt_entity(

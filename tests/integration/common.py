@@ -1,0 +1,254 @@
+"""Helpers of the integration tests: server processes, stub servers, audio, setup."""
+
+from collections.abc import AsyncGenerator
+import contextlib
+from dataclasses import dataclass, field
+from datetime import timedelta
+import json
+import os
+from pathlib import Path
+import re
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+import urllib.error
+import urllib.request
+import uuid
+
+from aiohttp import web
+import pytest
+
+from custom_components.whisper_gpu.const import CONF_CONTROL_PORT, CONF_WYOMING_PORT, SCAN_INTERVAL
+from homeassistant.components import stt
+from homeassistant.const import CONF_HOST, CONF_TOKEN
+from homeassistant.core import HomeAssistant
+from homeassistant.util import dt as dt_util
+from pytest_homeassistant_custom_component.common import MockConfigEntry, async_fire_time_changed
+
+HOST = "127.0.0.1"
+TEST_MODEL = "tiny.en"
+SECOND_MODEL = "base"
+UTTERANCE = "turn on the kitchen light"
+STARTUP_TIMEOUT = 180.0
+
+
+def free_port() -> int:
+    """Return a loopback port that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class WhisperGpuServer:
+    """A `python -m whisper_gpu serve` subprocess on loopback."""
+
+    data_dir: Path
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    wyoming_port: int = field(default_factory=free_port)
+    control_port: int = field(default_factory=free_port)
+    host: str = HOST
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *extra_args: str, wait: bool = True) -> None:
+        """Start the server (tiny.en, int8, offline, no zeroconf)."""
+        assert self.process is None
+        args = [
+            sys.executable,
+            "-m",
+            "whisper_gpu",
+            "serve",
+            "--host",
+            self.host,
+            "--wyoming-port",
+            str(self.wyoming_port),
+            "--control-port",
+            str(self.control_port),
+            "--data-dir",
+            str(self.data_dir),
+            "--model",
+            TEST_MODEL,
+            "--offline",
+            "--zeroconf",
+            "off",
+            "--compute-type",
+            "int8",
+            "--control-token",
+            self.token,
+            *extra_args,
+        ]
+        env = {
+            name: os.environ[name]
+            for name in ("PATH", "PYTHONPATH", "HOME", "LANG", "VIRTUAL_ENV")
+            if name in os.environ
+        }
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with (self.data_dir / "server.log").open("ab") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> None:
+        """Wait until GET /readyz answers 200."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                pytest.fail(f"whisper-gpu exited with {self.process.returncode}:\n{self.log()}")
+            with contextlib.suppress(OSError):
+                status, _ = self.request("GET", "/readyz")
+                if status == 200:
+                    return
+            time.sleep(0.1)
+        pytest.fail(f"whisper-gpu was not ready in {timeout} s:\n{self.log()}")
+
+    def wait_state(self, state: str, timeout: float = STARTUP_TIMEOUT) -> dict[str, Any]:
+        """Wait until GET /api/v1/status has the given state and no reload runs."""
+        deadline = time.monotonic() + timeout
+        status: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            _, status = self.request("GET", "/api/v1/status")
+            if status["state"] == state and status.get("target") is None:
+                return status
+            time.sleep(0.1)
+        pytest.fail(f"state {state!r} not reached: {status}")
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL)."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def log(self) -> str:
+        """Return the end of the server's log."""
+        path = self.data_dir / "server.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def request(
+        self, method: str, path: str, body: dict[str, Any] | None = None, *, token: str | None = None
+    ) -> tuple[int, Any]:
+        """Send a request to the control API (blocking; for setup and checks)."""
+        request = urllib.request.Request(  # noqa: S310 - always http://127.0.0.1
+            f"http://{self.host}:{self.control_port}{path}",
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {token or self.token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+                raw = response.read()
+                return response.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as err:
+            raw = err.read()
+            return err.code, json.loads(raw) if raw else None
+
+    def settings(self) -> dict[str, Any]:
+        """Return the server's runtime settings."""
+        _, body = self.request("GET", "/api/v1/settings")
+        return dict(body["settings"])
+
+    @property
+    def server_id(self) -> str:
+        """Return the server's id."""
+        _, body = self.request("GET", "/api/v1/info")
+        return str(body["server_id"])
+
+    def entry_data(self, **changes: Any) -> dict[str, Any]:
+        """Return config entry data that points at this server."""
+        return {
+            CONF_HOST: self.host,
+            CONF_WYOMING_PORT: self.wyoming_port,
+            CONF_CONTROL_PORT: self.control_port,
+            CONF_TOKEN: self.token,
+            **changes,
+        }
+
+
+async def audio_stream(pcm: bytes, chunk_bytes: int = 2048) -> AsyncGenerator[bytes]:
+    """Yield PCM in chunks, the way a voice satellite streams it."""
+    for start in range(0, len(pcm), chunk_bytes):
+        yield pcm[start : start + chunk_bytes]
+
+
+@dataclass
+class StubControlServer:
+    """A small HTTP server on loopback that answers like (or unlike) whisper-gpu.
+
+    It serves what the tests put in `routes` (status, JSON body) by method and
+    path, and records the requests it got.
+    """
+
+    routes: dict[tuple[str, str], tuple[int, Any]] = field(default_factory=dict)
+    requests: list[tuple[str, str, Any]] = field(default_factory=list)
+    port: int = 0
+    runner: web.AppRunner | None = None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json() if request.can_read_body else None
+        self.requests.append((request.method, request.path, body))
+        if (request.method, request.path) not in self.routes:
+            return web.Response(status=404, text="404: Not Found")
+        status, payload = self.routes[request.method, request.path]
+        if payload is None:
+            return web.Response(status=status)
+        return web.json_response(payload, status=status)
+
+    async def start(self) -> None:
+        """Listen on a free loopback port."""
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", self._handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        self.port = free_port()
+        await web.TCPSite(self.runner, HOST, self.port).start()
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+async def setup_entry(hass: HomeAssistant, entry: MockConfigEntry) -> None:
+    """Add the entry to hass and set it up."""
+    entry.add_to_hass(hass)
+    await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+
+
+async def poll(hass: HomeAssistant) -> None:
+    """Let the coordinator's next poll run now."""
+    async_fire_time_changed(hass, dt_util.utcnow() + SCAN_INTERVAL + timedelta(seconds=1))
+    await hass.async_block_till_done()
+
+
+def mirror(stub: StubControlServer, server: WhisperGpuServer) -> None:
+    """Make the stub answer the reads as the real server does."""
+    for path in ("/api/v1/info", "/api/v1/settings", "/api/v1/status"):
+        stub.routes["GET", path] = server.request("GET", path)
+    stub.routes["GET", "/api/v1/auth"] = (204, None)
+
+
+def metadata(language: str = "en") -> stt.SpeechMetadata:
+    """Return the metadata of the pipeline's audio."""
+    return stt.SpeechMetadata(
+        language=language,
+        format=stt.AudioFormats.WAV,
+        codec=stt.AudioCodecs.PCM,
+        bit_rate=stt.AudioBitRates.BITRATE_16,
+        sample_rate=stt.AudioSampleRates.SAMPLERATE_16000,
+        channel=stt.AudioChannels.CHANNEL_MONO,
+    )
+
+
+def words(text: str | None) -> str:
+    """Return text in lower case without punctuation."""
+    return " ".join(re.sub(r"[^a-z0-9 ]", " ", (text or "").lower()).split())
