@@ -1,0 +1,1 @@
+"""Shared test helpers: generated speech and a real server process."""

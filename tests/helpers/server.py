@@ -1,0 +1,196 @@
+"""A real whisper-gpu server in a subprocess, started through its console script, and a Wyoming client for it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wyoming.asr import Transcribe
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.client import AsyncTcpClient
+from wyoming.event import Event
+
+TOKEN = "test-token-0123456789abcdef"  # noqa: S105 - a test credential
+READY_TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def server_command() -> list[str]:
+    """The console script beside this interpreter, else `python -m whisper_gpu` (source checkouts)."""
+    script = Path(sys.executable).with_name("whisper-gpu")
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("whisper-gpu")
+    return [found] if found else [sys.executable, "-m", "whisper_gpu"]
+
+
+def clean_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The test process's environment without whisper-gpu settings (bare or prefixed), plus extra."""
+    from whisper_gpu.settings import ENV_PREFIX, SETTINGS  # noqa: PLC0415 - imported where the server is
+
+    bare = {spec.env for spec in SETTINGS.values()}
+    env = {
+        key: value for key, value in os.environ.items() if key not in bare and not key.startswith(ENV_PREFIX)
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class ServerProcess:
+    """One server: its ports, data directory and log."""
+
+    data_dir: Path
+    model: str = "tiny.en"
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    token: str | None = TOKEN
+    wyoming_port: int = field(default_factory=free_port)
+    control_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def control_url(self) -> str:
+        """Base URL of the control API."""
+        return f"http://127.0.0.1:{self.control_port}"
+
+    @property
+    def log_path(self) -> Path:
+        """Where the server's stderr goes."""
+        return self.data_dir.parent / f"{self.data_dir.name}-{self.wyoming_port}.log"
+
+    def command(self) -> list[str]:
+        """The full command line."""
+        command = [
+            *server_command(),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--wyoming-port",
+            str(self.wyoming_port),
+            "--control-port",
+            str(self.control_port),
+            "--data-dir",
+            str(self.data_dir),
+            "--zeroconf",
+            "off",
+            "--offline",
+        ]
+        if self.model:
+            command += ["--model", self.model]
+        if self.token:
+            command += ["--control-token", self.token]
+        return command + self.args
+
+    def start(self, *, wait: bool = True) -> ServerProcess:
+        """Start, and by default wait until `/readyz` answers 200."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(  # noqa: S603 - our own console script
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=clean_environment(self.env)
+            )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Poll `/readyz`; fail with the log when the process dies or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                msg = f"server exited with {self.process.returncode}:\n{self.log()}"
+                raise RuntimeError(msg)
+            status, _ = self.get("/readyz")
+            if status == 200:  # noqa: PLR2004
+                return
+            time.sleep(0.1)
+        msg = f"server not ready after {timeout} s:\n{self.log()}"
+        raise RuntimeError(msg)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the server and wait for its exit code."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def log(self) -> str:
+        """Everything the server wrote."""
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+    def get(self, path: str) -> tuple[int, Any]:
+        """GET from the control port: status and decoded JSON (or text); status 0 when nothing answers."""
+        return self.request("GET", path)
+
+    def request(
+        self, method: str, path: str, body: object = None, *, token: str | None = None
+    ) -> tuple[int, Any]:
+        """One HTTP request to the control port."""
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.control_url + path, data=data, method=method)  # noqa: S310
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+                return response.status, _decode(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, _decode(err.read())
+        except OSError:
+            return 0, None
+
+
+def _decode(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode(errors="replace")
+
+
+async def transcribe(  # noqa: PLR0913 - mirrors the protocol's fields
+    port: int,
+    audio: bytes,
+    rate: int = 16_000,
+    width: int = 2,
+    channels: int = 1,
+    *,
+    language: str | None = None,
+    chunk_frames: int = 1024,
+) -> Event:
+    """Send one request the way Home Assistant does and return the server's answer (transcript or error)."""
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+        await client.write_event(Transcribe(language=language).event())
+        await client.write_event(AudioStart(rate=rate, width=width, channels=channels).event())
+        step = chunk_frames * width * channels
+        for start in range(0, len(audio), step):
+            chunk = AudioChunk(rate=rate, width=width, channels=channels, audio=audio[start : start + step])
+            await client.write_event(chunk.event())
+        await client.write_event(AudioStop().event())
+        event = await asyncio.wait_for(client.read_event(), timeout=120)
+        assert event is not None, "the server closed the connection without an answer"
+        return event
