@@ -10,7 +10,7 @@ from typing import Any
 
 import promql_parser
 import pytest
-from packaging_support import DASHBOARD, DEPLOY_DOC
+from packaging_support import DASHBOARD, README
 
 GRAFANA_RANGES = re.compile(r"\$__(rate_interval|interval|range)\b|\$\{__(rate_interval|interval|range)\}")
 LABEL_VALUES = re.compile(r"^\s*label_values\((?P<expr>.*),\s*\w+\s*\)\s*$", re.DOTALL)
@@ -61,9 +61,9 @@ def metric_names(expr: str) -> set[str]:
 
 
 def documented_families() -> dict[str, str]:
-    """The metric table of docs/deploy.md: family name -> type."""
-    rows = re.findall(r"^\| `(whisper_gpu_\w+)` \| (\w+) \|", DEPLOY_DOC.read_text(encoding="utf-8"), re.MULTILINE)
-    assert rows, "docs/deploy.md has no metric table"
+    """The metric table of README.md: family name -> type."""
+    rows = re.findall(r"^\| `(whisper_gpu_\w+)` \| (\w+) \|", README.read_text(encoding="utf-8"), re.MULTILINE)
+    assert rows, "README.md has no metric table"
     return dict(rows)
 
 
@@ -94,7 +94,7 @@ def test_dashboard_uses_only_documented_metrics() -> None:
     allowed = series_names(documented_families())
     for where, expr in queries(load_dashboard()):
         unknown = metric_names(expr) - allowed
-        assert not unknown, f"{where} uses {sorted(unknown)}, which docs/deploy.md does not list"
+        assert not unknown, f"{where} uses {sorted(unknown)}, which README.md does not list"
 
 
 def test_dashboard_shows_what_the_issue_asks_for() -> None:
@@ -176,4 +176,4 @@ def test_server_exports_every_metric_the_dashboard_queries(metrics_text: str) ->
 
 def test_metric_reference_matches_the_server(metrics_text: str) -> None:
     exported = {name: kind for name, kind in exported_families(metrics_text).items() if name.startswith("whisper_gpu_")}
-    assert exported == documented_families(), "docs/deploy.md's metric table must list exactly what the server exports"
+    assert exported == documented_families(), "README.md's metric table must list exactly what the server exports"
