@@ -44,26 +44,13 @@ async def async_unload_entry(hass: HomeAssistant, entry: WhisperGpuConfigEntry) 
     return unloaded
 
 
-async def async_migrate_entry(
-    hass: HomeAssistant, entry: WhisperGpuConfigEntry
-) -> bool:
-    """Bring an entry stored by an older version of the integration up to date."""
-    if entry.version > ENTRY_VERSION:
-        # Stored by a newer version of the integration: cannot downgrade.
-        LOGGER.error(
-            "Cannot load %s: stored by a newer version (%s.%s) of this integration",
-            entry.title,
-            entry.version,
-            entry.minor_version,
-        )
-        return False
+async def async_migrate_entry(hass: HomeAssistant, entry: WhisperGpuConfigEntry) -> bool:
+    """Bring an entry stored by an older version of the integration up to date.
 
-    # Version 1.1 is the first stored format; later changes convert here, step by
-    # step, e.g. `if entry.minor_version < 2: ...`.
-    hass.config_entries.async_update_entry(
-        entry, version=ENTRY_VERSION, minor_version=ENTRY_MINOR_VERSION
-    )
-    LOGGER.debug(
-        "Migrated %s to version %s.%s", entry.title, ENTRY_VERSION, ENTRY_MINOR_VERSION
-    )
+    Home Assistant itself refuses entries of a newer major version (a downgrade).
+    Version 1.1 is the first stored format; later changes convert here, one step
+    at a time, e.g. `if entry.minor_version < 2: ...`.
+    """
+    hass.config_entries.async_update_entry(entry, version=ENTRY_VERSION, minor_version=ENTRY_MINOR_VERSION)
+    LOGGER.debug("Migrated %s to version %s.%s", entry.title, ENTRY_VERSION, ENTRY_MINOR_VERSION)
     return True

@@ -14,7 +14,7 @@ from wyoming.error import Error
 from wyoming.info import AsrProgram, Describe, Info
 from yarl import URL
 
-from .const import SAMPLE_CHANNELS, SAMPLE_RATE, SAMPLE_WIDTH
+from .const import LOGGER, SAMPLE_CHANNELS, SAMPLE_RATE, SAMPLE_WIDTH
 
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=10)
 CONNECT_TIMEOUT = 10.0
@@ -103,9 +103,7 @@ class ServerInfo:
                 raw=data,
             )
         except (AttributeError, KeyError, TypeError, ValueError) as err:
-            raise WhisperGpuResponseError(
-                f"Not the info of a whisper-gpu server: {err!r}"
-            ) from err
+            raise WhisperGpuResponseError(f"Not the info of a whisper-gpu server: {err!r}") from err
 
     @property
     def usable_models(self) -> list[str]:
@@ -142,9 +140,7 @@ class ServerStatus:
                 raw=data,
             )
         except (AttributeError, KeyError, TypeError, ValueError) as err:
-            raise WhisperGpuResponseError(
-                f"Not the status of a whisper-gpu server: {err!r}"
-            ) from err
+            raise WhisperGpuResponseError(f"Not the status of a whisper-gpu server: {err!r}") from err
 
 
 def _str(value: Any) -> str:
@@ -233,14 +229,13 @@ class WhisperGpuClient:
 
     async def async_update_settings(self, changes: Mapping[str, Any]) -> dict[str, Any]:
         """Change settings; return all settings as the server now has them."""
-        status, body = await self._request(
-            "PATCH", "/api/v1/settings", json=changes, auth=True
-        )
+        status, body = await self._request("PATCH", "/api/v1/settings", json=changes, auth=True)
         if status == HTTPStatus.OK and isinstance(body, dict):
             return dict(body.get("settings") or {})
         if status == HTTPStatus.UNAUTHORIZED:
             raise WhisperGpuAuthError("The server rejected the token")
         if status == HTTPStatus.BAD_REQUEST and isinstance(body, dict):
+            LOGGER.debug("PATCH %s refused: %s", dict(changes), body)
             raise WhisperGpuSettingsError(body.get("errors") or {"base": "unknown"})
         if status in (HTTPStatus.CONFLICT, HTTPStatus.REQUEST_ENTITY_TOO_LARGE):
             code = body.get("error") if isinstance(body, dict) else None
@@ -262,14 +257,10 @@ class WhisperGpuClient:
                             raise WhisperGpuResponseError("The server has no asr")
                         return info.asr[0]
         except (OSError, TimeoutError) as err:
-            raise WhisperGpuConnectionError(
-                f"Wyoming describe failed: {err!r}"
-            ) from err
+            raise WhisperGpuConnectionError(f"Wyoming describe failed: {err!r}") from err
         raise WhisperGpuConnectionError("The Wyoming connection closed")
 
-    async def async_transcribe(
-        self, audio: AsyncIterable[bytes], language: str | None
-    ) -> str:
+    async def async_transcribe(self, audio: AsyncIterable[bytes], language: str | None) -> str:
         """Stream 16 kHz 16-bit mono audio to the server; return its transcript.
 
         The upload and the read run at the same time, so an error that the server
@@ -280,16 +271,12 @@ class WhisperGpuClient:
             async with AsyncTcpClient(self.host, self.wyoming_port) as client:
                 await client.write_event(Transcribe(language=language).event())
                 await client.write_event(
-                    AudioStart(
-                        rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=SAMPLE_CHANNELS
-                    ).event()
+                    AudioStart(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=SAMPLE_CHANNELS).event()
                 )
                 upload = asyncio.create_task(_async_upload(client, audio))
                 receive = asyncio.create_task(_async_receive_transcript(client))
                 try:
-                    await asyncio.wait(
-                        (upload, receive), return_when=asyncio.FIRST_COMPLETED
-                    )
+                    await asyncio.wait((upload, receive), return_when=asyncio.FIRST_COMPLETED)
                     if not receive.done():
                         upload.result()
                         async with asyncio.timeout(RESULT_TIMEOUT):

@@ -4,7 +4,6 @@ from collections.abc import Mapping
 from typing import Any, override
 
 import probatio
-
 from homeassistant.config_entries import (
     SOURCE_HASSIO,
     ConfigEntry,
@@ -59,9 +58,7 @@ from .const import (
 from .data import WhisperGpuConfigEntry, create_client
 
 PORT_SELECTOR = probatio.All(
-    NumberSelector(
-        NumberSelectorConfig(min=1, max=65535, step=1, mode=NumberSelectorMode.BOX)
-    ),
+    NumberSelector(NumberSelectorConfig(min=1, max=65535, step=1, mode=NumberSelectorMode.BOX)),
     probatio.Coerce(int),
 )
 TOKEN_SELECTOR = TextSelector(TextSelectorConfig(type=TextSelectorType.PASSWORD))
@@ -69,12 +66,8 @@ TOKEN_SELECTOR = TextSelector(TextSelectorConfig(type=TextSelectorType.PASSWORD)
 CONNECTION_SCHEMA = probatio.Schema(
     {
         probatio.Required(CONF_HOST): TextSelector(),
-        probatio.Required(CONF_WYOMING_PORT, default=DEFAULT_WYOMING_PORT): (
-            PORT_SELECTOR
-        ),
-        probatio.Required(CONF_CONTROL_PORT, default=DEFAULT_CONTROL_PORT): (
-            PORT_SELECTOR
-        ),
+        probatio.Required(CONF_WYOMING_PORT, default=DEFAULT_WYOMING_PORT): (PORT_SELECTOR),
+        probatio.Required(CONF_CONTROL_PORT, default=DEFAULT_CONTROL_PORT): (PORT_SELECTOR),
         probatio.Required(CONF_TOKEN): TOKEN_SELECTOR,
     }
 )
@@ -102,9 +95,7 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
         """Return the options flow: the server's settings."""
         return WhisperGpuOptionsFlow()
 
-    async def _async_validate(
-        self, data: Mapping[str, Any]
-    ) -> tuple[ServerInfo | None, dict[str, str]]:
+    async def _async_validate(self, data: Mapping[str, Any]) -> tuple[ServerInfo | None, dict[str, str]]:
         """Check the server before an entry is made: info, token, Wyoming port."""
         client = create_client(self.hass, data)
         try:
@@ -123,9 +114,7 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
         return info, {}
 
     @override
-    async def async_step_user(
-        self, user_input: dict[str, Any] | None = None
-    ) -> ConfigFlowResult:
+    async def async_step_user(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
         """Ask for the server's address, ports and token."""
         errors: dict[str, str] = {}
         if user_input is not None:
@@ -136,23 +125,19 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
                 return self.async_create_entry(title=info.name, data=user_input)
         return self.async_show_form(
             step_id="user",
-            data_schema=self.add_suggested_values_to_schema(
-                CONNECTION_SCHEMA, user_input
-            ),
+            data_schema=self.add_suggested_values_to_schema(CONNECTION_SCHEMA, user_input),
             errors=errors,
         )
 
     @override
-    async def async_step_zeroconf(
-        self, discovery_info: ZeroconfServiceInfo
-    ) -> ConfigFlowResult:
+    async def async_step_zeroconf(self, discovery_info: ZeroconfServiceInfo) -> ConfigFlowResult:
         """Take a server that announces itself on the network."""
         properties = discovery_info.properties
         try:
             server_id = str(properties[CONF_SERVER_ID])
             control_port = int(properties[CONF_CONTROL_PORT])
             wyoming_port = discovery_info.port or int(properties[CONF_WYOMING_PORT])
-        except (KeyError, TypeError, ValueError):
+        except KeyError, TypeError, ValueError:
             return self.async_abort(reason="not_whisper_gpu")
 
         connection = {
@@ -169,9 +154,7 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
         self.context["title_placeholders"] = {"name": discovery_info.host}
         return await self.async_step_zeroconf_confirm()
 
-    async def async_step_zeroconf_confirm(
-        self, user_input: dict[str, Any] | None = None
-    ) -> ConfigFlowResult:
+    async def async_step_zeroconf_confirm(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
         """Ask for the token of a discovered server."""
         errors: dict[str, str] = {}
         if user_input is not None:
@@ -190,9 +173,7 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
         )
 
     @override
-    async def async_step_hassio(
-        self, discovery_info: HassioServiceInfo
-    ) -> ConfigFlowResult:
+    async def async_step_hassio(self, discovery_info: HassioServiceInfo) -> ConfigFlowResult:
         """Take the server of the add-on, as the Supervisor announces it."""
         config = discovery_info.config
         try:
@@ -203,7 +184,7 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
                 CONF_CONTROL_PORT: int(config[CONF_CONTROL_PORT]),
                 CONF_TOKEN: str(config[CONF_TOKEN]),
             }
-        except (KeyError, TypeError, ValueError):
+        except KeyError, TypeError, ValueError:
             return self.async_abort(reason="not_whisper_gpu")
 
         await self.async_set_unique_id(server_id)
@@ -212,31 +193,23 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
         self._discovered = data
         self._addon_name = discovery_info.name
         self.context["title_placeholders"] = {"name": discovery_info.name}
-        self.context["configuration_url"] = (
-            f"homeassistant://hassio/addon/{discovery_info.slug}/info"
-        )
+        self.context["configuration_url"] = f"homeassistant://hassio/addon/{discovery_info.slug}/info"
         return await self.async_step_hassio_confirm()
 
-    async def async_step_hassio_confirm(
-        self, user_input: dict[str, Any] | None = None
-    ) -> ConfigFlowResult:
+    async def async_step_hassio_confirm(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
         """Confirm the add-on's server; nothing to type."""
         errors: dict[str, str] = {}
         if user_input is not None:
             info, errors = await self._async_validate(self._discovered)
             if info is not None:
-                return self.async_create_entry(
-                    title=self._addon_name, data=self._discovered
-                )
+                return self.async_create_entry(title=self._addon_name, data=self._discovered)
         return self.async_show_form(
             step_id="hassio_confirm",
             description_placeholders={"addon": self._addon_name},
             errors=errors,
         )
 
-    async def async_step_reconfigure(
-        self, user_input: dict[str, Any] | None = None
-    ) -> ConfigFlowResult:
+    async def async_step_reconfigure(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
         """Change the address, ports or token of a server."""
         entry = self._get_reconfigure_entry()
         errors: dict[str, str] = {}
@@ -245,36 +218,26 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
             if info is not None:
                 await self.async_set_unique_id(info.server_id)
                 self._abort_if_unique_id_mismatch(reason="wrong_server")
-                return self.async_update_reload_and_abort(
-                    entry, data_updates=user_input
-                )
+                return self.async_update_reload_and_abort(entry, data_updates=user_input)
         return self.async_show_form(
             step_id="reconfigure",
-            data_schema=self.add_suggested_values_to_schema(
-                CONNECTION_SCHEMA, user_input or entry.data
-            ),
+            data_schema=self.add_suggested_values_to_schema(CONNECTION_SCHEMA, user_input or entry.data),
             errors=errors,
         )
 
     @override
-    async def async_step_reauth(
-        self, entry_data: Mapping[str, Any]
-    ) -> ConfigFlowResult:
+    async def async_step_reauth(self, entry_data: Mapping[str, Any]) -> ConfigFlowResult:
         """Start over with a new token after the server rejected the old one."""
         return await self.async_step_reauth_confirm()
 
-    async def async_step_reauth_confirm(
-        self, user_input: dict[str, Any] | None = None
-    ) -> ConfigFlowResult:
+    async def async_step_reauth_confirm(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
         """Ask for the new token."""
         entry = self._get_reauth_entry()
         errors: dict[str, str] = {}
         if user_input is not None:
             info, errors = await self._async_validate({**entry.data, **user_input})
             if info is not None:
-                return self.async_update_reload_and_abort(
-                    entry, data_updates=user_input
-                )
+                return self.async_update_reload_and_abort(entry, data_updates=user_input)
         return self.async_show_form(
             step_id="reauth_confirm",
             data_schema=TOKEN_SCHEMA,
@@ -295,9 +258,7 @@ class WhisperGpuOptionsFlow(OptionsFlow):
         self._info: ServerInfo | None = None
         self._settings: dict[str, Any] = {}
 
-    async def async_step_init(
-        self, user_input: dict[str, Any] | None = None
-    ) -> ConfigFlowResult:
+    async def async_step_init(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
         """Show the settings in sections; PATCH what changed."""
         client = create_client(self.hass, self.config_entry.data)
         if self._info is None:
@@ -311,11 +272,7 @@ class WhisperGpuOptionsFlow(OptionsFlow):
         suggested = self._settings
         if user_input is not None:
             suggested = _flatten(user_input)
-            changes = {
-                name: value
-                for name, value in suggested.items()
-                if self._settings.get(name) != value
-            }
+            changes = {name: value for name, value in suggested.items() if self._settings.get(name) != value}
             try:
                 if changes:
                     self._settings = await client.async_update_settings(changes)
@@ -348,9 +305,7 @@ def _options(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 def _flatten(user_input: Mapping[str, Any]) -> dict[str, Any]:
     """Return the values of the form's sections as one flat dict."""
-    return {
-        name: value for values in user_input.values() for name, value in values.items()
-    }
+    return {name: value for values in user_input.values() for name, value in values.items()}
 
 
 def _sectioned(settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -363,15 +318,9 @@ def _sectioned(settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _form_errors(server_errors: Mapping[str, str]) -> dict[str, str]:
     """Map the server's error codes to form errors, shown on the field's section."""
-    section_of = {
-        name: section_key
-        for section_key, names in OPTION_SECTIONS.items()
-        for name in names
-    }
+    section_of = {name: section_key for section_key, names in OPTION_SECTIONS.items() for name in names}
     return {
-        section_of.get(field, "base"): (
-            code if code in SETTINGS_ERROR_CODES else "unknown_setting_error"
-        )
+        section_of.get(field, "base"): (code if code in SETTINGS_ERROR_CODES else "unknown_setting_error")
         for field, code in server_errors.items()
     }
 
@@ -408,6 +357,11 @@ def _setting_selector(name: str, info: ServerInfo, settings: Mapping[str, Any]) 
     schema = info.settings_schema[name]
     if "choices" in schema:
         return _select([str(choice) for choice in schema["choices"]])
+    return _number_selector(name, schema)
+
+
+def _number_selector(name: str, schema: Mapping[str, Any]) -> Any:
+    """Return a number box (a slider for the VAD threshold) within the schema's range."""
     config = NumberSelectorConfig(mode=NumberSelectorMode.BOX)
     if "min" in schema:
         config["min"] = schema["min"]

@@ -1,7 +1,7 @@
 """Constants for the whisper-gpu integration."""
 
-from datetime import timedelta
 import logging
+from datetime import timedelta
 from typing import Final
 
 DOMAIN: Final = "whisper_gpu"
@@ -41,9 +41,7 @@ OPTION_SECTIONS: Final[dict[str, tuple[str, ...]]] = {
         SETTING_SPEECH_PAD_MS,
     ),
 }
-OPTION_SETTINGS: Final = tuple(
-    name for names in OPTION_SECTIONS.values() for name in names
-)
+OPTION_SETTINGS: Final = tuple(name for names in OPTION_SECTIONS.values() for name in names)
 
 # Error codes of PATCH /api/v1/settings that the options form translates.
 SETTINGS_ERROR_CODES: Final = frozenset(

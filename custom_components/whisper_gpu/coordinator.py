@@ -73,9 +73,7 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
             await self.client.async_check_auth()
             self.info = await self.client.async_get_info()
         except WhisperGpuAuthError as err:
-            raise ConfigEntryAuthFailed(
-                translation_domain=DOMAIN, translation_key="invalid_auth"
-            ) from err
+            raise ConfigEntryAuthFailed(translation_domain=DOMAIN, translation_key="invalid_auth") from err
         except WhisperGpuError as err:
             raise _update_failed(err) from err
 
@@ -103,9 +101,7 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
         options = {name: settings[name] for name in OPTION_SETTINGS if name in settings}
         if options != dict(self.config_entry.options):
             LOGGER.debug("Settings from the server: %s", options)
-            self.hass.config_entries.async_update_entry(
-                self.config_entry, options=options
-            )
+            self.hass.config_entries.async_update_entry(self.config_entry, options=options)
 
     @callback
     def _async_update_model_issue(self, status: ServerStatus) -> None:

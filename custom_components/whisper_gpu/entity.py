@@ -13,9 +13,7 @@ class WhisperGpuEntity(CoordinatorEntity[WhisperGpuCoordinator]):
 
     _attr_has_entity_name = True
 
-    def __init__(
-        self, coordinator: WhisperGpuCoordinator, description: EntityDescription
-    ) -> None:
+    def __init__(self, coordinator: WhisperGpuCoordinator, description: EntityDescription) -> None:
         """Name the entity after its description and attach it to the device."""
         super().__init__(coordinator)
         self.entity_description = description

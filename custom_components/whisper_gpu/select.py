@@ -28,9 +28,7 @@ async def async_setup_entry(
     async_add_entities: AddConfigEntryEntitiesCallback,
 ) -> None:
     """Add the model select of a server."""
-    async_add_entities(
-        [WhisperGpuModelSelect(entry.runtime_data.coordinator, MODEL_DESCRIPTION)]
-    )
+    async_add_entities([WhisperGpuModelSelect(entry.runtime_data.coordinator, MODEL_DESCRIPTION)])
 
 
 class WhisperGpuModelSelect(WhisperGpuEntity, SelectEntity):
@@ -58,14 +56,10 @@ class WhisperGpuModelSelect(WhisperGpuEntity, SelectEntity):
         """Ask the server to switch to another model."""
         entry = self.coordinator.config_entry
         try:
-            settings = await self.coordinator.client.async_update_settings(
-                {SETTING_MODEL: option}
-            )
+            settings = await self.coordinator.client.async_update_settings({SETTING_MODEL: option})
         except WhisperGpuAuthError as err:
             entry.async_start_reauth(self.hass)
-            raise HomeAssistantError(
-                translation_domain=DOMAIN, translation_key="invalid_auth"
-            ) from err
+            raise HomeAssistantError(translation_domain=DOMAIN, translation_key="invalid_auth") from err
         except WhisperGpuSettingsError as err:
             raise HomeAssistantError(
                 translation_domain=DOMAIN,

@@ -64,9 +64,7 @@ async def async_setup_entry(
 ) -> None:
     """Add the sensors of a server."""
     coordinator = entry.runtime_data.coordinator
-    async_add_entities(
-        WhisperGpuSensor(coordinator, description) for description in SENSORS
-    )
+    async_add_entities(WhisperGpuSensor(coordinator, description) for description in SENSORS)
 
 
 class WhisperGpuSensor(WhisperGpuEntity, SensorEntity):

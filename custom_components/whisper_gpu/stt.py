@@ -32,9 +32,7 @@ async def async_setup_entry(
         prefers_auto_gain_enabled=data.asr.prefers_auto_gain_enabled,
         prefers_noise_reduction_enabled=data.asr.prefers_noise_reduction_enabled,
     )
-    async_add_entities(
-        [WhisperGpuSpeechToText(data.coordinator, STT_DESCRIPTION, audio_processing)]
-    )
+    async_add_entities([WhisperGpuSpeechToText(data.coordinator, STT_DESCRIPTION, audio_processing)])
 
 
 class WhisperGpuSpeechToText(WhisperGpuEntity, stt.SpeechToTextEntity):
@@ -54,11 +52,7 @@ class WhisperGpuSpeechToText(WhisperGpuEntity, stt.SpeechToTextEntity):
     @override
     def supported_languages(self) -> list[str]:
         """Return the languages of the model the server has loaded."""
-        return [
-            language
-            for language in self.coordinator.info.languages
-            if language != AUTO_LANGUAGE
-        ]
+        return [language for language in self.coordinator.info.languages if language != AUTO_LANGUAGE]
 
     @property
     @override
@@ -102,9 +96,7 @@ class WhisperGpuSpeechToText(WhisperGpuEntity, stt.SpeechToTextEntity):
     ) -> stt.SpeechResult:
         """Stream the audio to the server while it arrives; return the text."""
         try:
-            text = await self.coordinator.client.async_transcribe(
-                stream, metadata.language
-            )
+            text = await self.coordinator.client.async_transcribe(stream, metadata.language)
         except WhisperGpuError as err:
             LOGGER.warning("Speech-to-text on %s failed: %s", self.entity_id, err)
             return stt.SpeechResult(None, stt.SpeechResultState.ERROR)

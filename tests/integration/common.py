@@ -227,7 +227,7 @@ async def setup_entry(hass: HomeAssistant, entry: MockConfigEntry) -> None:
 async def poll(hass: HomeAssistant) -> None:
     """Let the coordinator's next poll run now."""
     async_fire_time_changed(hass, dt_util.utcnow() + SCAN_INTERVAL + timedelta(seconds=1))
-    await hass.async_block_till_done()
+    await hass.async_block_till_done(wait_background_tasks=True)
 
 
 def mirror(stub: StubControlServer, server: WhisperGpuServer) -> None:

@@ -31,7 +31,7 @@ async def test_setup_unload_reload(
     await setup_entry(hass, config_entry)
     assert config_entry.state is ConfigEntryState.LOADED
 
-    device = device_registry.async_get_device(identifiers={(DOMAIN, server.server_id)})
+    device = device_registry.async_get_device_by_identifier((DOMAIN, server.server_id), config_entry.entry_id)
     assert device is not None
     assert device.entry_type is dr.DeviceEntryType.SERVICE
     assert device.sw_version == "0.1.0"
@@ -74,23 +74,25 @@ async def test_setup_retries_while_wyoming_down(
     assert entry.error_reason_translation_key == "wyoming_unreachable"
 
 
-async def test_migration_from_older_minor_version(hass: HomeAssistant, config_entry: MockConfigEntry) -> None:
+async def test_migration_from_older_minor_version(hass: HomeAssistant, server: WhisperGpuServer) -> None:
     """An entry stored by an older version is brought up to date and loads."""
-    config_entry.minor_version = 0
+    config_entry = MockConfigEntry(
+        domain=DOMAIN, version=1, minor_version=0, unique_id=server.server_id, data=server.entry_data()
+    )
     await setup_entry(hass, config_entry)
     assert config_entry.state is ConfigEntryState.LOADED
     assert (config_entry.version, config_entry.minor_version) == (1, 1)
 
 
 async def test_migration_refuses_newer_version(
-    hass: HomeAssistant, config_entry: MockConfigEntry, caplog: pytest.LogCaptureFixture
+    hass: HomeAssistant, server: WhisperGpuServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An entry stored by a newer version is not touched."""
-    config_entry.version = 2
+    config_entry = MockConfigEntry(domain=DOMAIN, version=2, unique_id=server.server_id, data=server.entry_data())
     await setup_entry(hass, config_entry)
     assert config_entry.state is ConfigEntryState.MIGRATION_ERROR
     assert config_entry.version == 2
-    assert "stored by a newer version (2.1)" in caplog.text
+    assert "has version 2 which is higher than the current version 1" in caplog.text
 
 
 async def test_options_follow_the_server(
