@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from helpers.server import ServerProcess
 from helpers.speech import Utterance, command_set, synthesize
 

@@ -427,10 +427,13 @@ class Service:
         plan = None
         if reload_needed:
             try:
-                plan, _note = self.models.plan(merged["model"], merged["device"], merged["compute_type"])
+                plan, fallback = self.models.plan(merged["model"], merged["device"], merged["compute_type"])
             except UnsupportedOnDeviceError:
-                field = "device" if "device" in values else "compute_type"
-                errors[field] = ErrorCode.NOT_SUPPORTED_ON_DEVICE
+                errors["device" if "device" in values else "compute_type"] = ErrorCode.NOT_SUPPORTED_ON_DEVICE
+            else:
+                # The boot value may fall back (float16 on a CPU); a change asked for now must be what it says.
+                if fallback and "compute_type" in values:
+                    errors["compute_type"] = ErrorCode.NOT_SUPPORTED_ON_DEVICE
         known = KNOWN_MODELS.get(merged["model"])
         if known is not None and known.english_only and merged["language"] not in ("en", "auto"):
             errors["language" if "language" in values else "model"] = ErrorCode.NOT_SUPPORTED_BY_MODEL

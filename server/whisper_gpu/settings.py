@@ -197,6 +197,8 @@ class _UnknownModelError(vol.Invalid):
 
 
 def _code_for(err: vol.Invalid) -> ErrorCode:
+    if isinstance(err, vol.MultipleInvalid):
+        err = err.errors[0]
     if isinstance(err, vol.RangeInvalid):
         return ErrorCode.OUT_OF_RANGE
     if isinstance(err, _UnknownModelError):

@@ -47,9 +47,7 @@ def clean_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     from whisper_gpu.settings import ENV_PREFIX, SETTINGS  # noqa: PLC0415 - imported where the server is
 
     bare = {spec.env for spec in SETTINGS.values()}
-    env = {
-        key: value for key, value in os.environ.items() if key not in bare and not key.startswith(ENV_PREFIX)
-    }
+    env = {key: value for key, value in os.environ.items() if key not in bare and not key.startswith(ENV_PREFIX)}
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
@@ -105,7 +103,7 @@ class ServerProcess:
         """Start, and by default wait until `/readyz` answers 200."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(  # noqa: S603 - our own console script
+            self.process = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, env=clean_environment(self.env)
             )
         if wait:
@@ -120,7 +118,7 @@ class ServerProcess:
                 msg = f"server exited with {self.process.returncode}:\n{self.log()}"
                 raise RuntimeError(msg)
             status, _ = self.get("/readyz")
-            if status == 200:  # noqa: PLR2004
+            if status == 200:
                 return
             time.sleep(0.1)
         msg = f"server not ready after {timeout} s:\n{self.log()}"
@@ -146,9 +144,7 @@ class ServerProcess:
         """GET from the control port: status and decoded JSON (or text); status 0 when nothing answers."""
         return self.request("GET", path)
 
-    def request(
-        self, method: str, path: str, body: object = None, *, token: str | None = None
-    ) -> tuple[int, Any]:
+    def request(self, method: str, path: str, body: object = None, *, token: str | None = None) -> tuple[int, Any]:
         """One HTTP request to the control port."""
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(self.control_url + path, data=data, method=method)  # noqa: S310
@@ -172,7 +168,7 @@ def _decode(raw: bytes) -> Any:
         return raw.decode(errors="replace")
 
 
-async def transcribe(  # noqa: PLR0913 - mirrors the protocol's fields
+async def transcribe(
     port: int,
     audio: bytes,
     rate: int = 16_000,

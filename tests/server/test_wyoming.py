@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers.server import ServerProcess, transcribe
+from helpers.speech import Utterance, synthesize
 from whisper_normalizer.english import EnglishTextNormalizer
 from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
@@ -18,9 +20,6 @@ from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
 from wyoming.event import Event
 from wyoming.info import Describe, Info
-
-from helpers.server import ServerProcess, transcribe
-from helpers.speech import Utterance, synthesize
 
 normalize = EnglishTextNormalizer()
 
@@ -149,8 +148,12 @@ async def test_a_language_the_model_cannot_speak_is_refused(
 
 @pytest.mark.parametrize(
     ("audio_format", "problem"),
-    [({"rate": 0, "width": 2, "channels": 1}, "rate"), ({"rate": 16000, "width": 3, "channels": 1}, "width"),
-     ({"rate": 16000, "width": 2, "channels": 0}, "channels"), ({"rate": 16000, "width": 2}, "channels")],
+    [
+        ({"rate": 0, "width": 2, "channels": 1}, "rate"),
+        ({"rate": 16000, "width": 3, "channels": 1}, "width"),
+        ({"rate": 16000, "width": 2, "channels": 0}, "channels"),
+        ({"rate": 16000, "width": 2}, "channels"),
+    ],
     ids=["rate-0", "width-3", "no-channels", "channels-missing"],
 )
 async def test_invalid_audio_format_is_refused_and_the_connection_stays_usable(
@@ -211,7 +214,16 @@ async def test_a_chunk_of_partial_frames_is_refused(whisper_server: ServerProces
         (b'{"type": "transcribe", "data_length": 5}\nnope!', "malformed_event"),
         (b'{"type": "' + b"x" * 70_000 + b'"}\n', "header_too_large"),
     ],
-    ids=["not-json", "not-object", "no-type", "negative-length", "huge-payload", "huge-data", "bad-data", "huge-header"],
+    ids=[
+        "not-json",
+        "not-object",
+        "no-type",
+        "negative-length",
+        "huge-payload",
+        "huge-data",
+        "bad-data",
+        "huge-header",
+    ],
 )
 async def test_malformed_events_get_an_error_and_the_server_stays_up(
     whisper_server: ServerProcess, kitchen: Utterance, raw: bytes, code: str
@@ -221,9 +233,7 @@ async def test_malformed_events_get_an_error_and_the_server_stays_up(
     assert [error_code(event) for event in events] == [code]
     assert metric(whisper_server, "whisper_gpu_protocol_errors_total", f'{{code="{code}"}}') == before + 1
     audio, rate, width, channels = kitchen.pcm()
-    assert heard(await transcribe(whisper_server.wyoming_port, audio, rate, width, channels)) == normalize(
-        kitchen.text
-    )
+    assert heard(await transcribe(whisper_server.wyoming_port, audio, rate, width, channels)) == normalize(kitchen.text)
 
 
 async def test_a_client_that_vanishes_mid_stream_costs_nothing(
@@ -240,9 +250,7 @@ async def test_a_client_that_vanishes_mid_stream_costs_nothing(
     writer.close()
     await writer.wait_closed()
     del reader
-    assert heard(await transcribe(whisper_server.wyoming_port, audio, rate, width, channels)) == normalize(
-        kitchen.text
-    )
+    assert heard(await transcribe(whisper_server.wyoming_port, audio, rate, width, channels)) == normalize(kitchen.text)
     for _ in range(50):
         if metric(whisper_server, "whisper_gpu_requests_total", '{outcome="disconnected"}') == before + 1:
             break
@@ -292,7 +300,9 @@ async def test_request_log_line_has_the_numbers_and_no_transcript_by_default(
     audio, rate, width, channels = kitchen.pcm()
     await transcribe(server.wyoming_port, audio, rate, width, channels)
     line = next(line for line in server.log().splitlines() if "request from 127.0.0.1" in line)
-    assert re.search(r"request from 127\.0\.0\.1:\d+: 1\.\d\d s audio, \d+ ms, RTF \d\.\d\d, model tiny\.en, outcome ok", line)
+    assert re.search(
+        r"request from 127\.0\.0\.1:\d+: 1\.\d\d s audio, \d+ ms, RTF \d\.\d\d, model tiny\.en, outcome ok", line
+    )
     assert "kitchen" not in server.log()
 
     status, _ = server.request("PATCH", "/api/v1/settings", {"log_transcripts": True}, token=server.token)
@@ -316,7 +326,7 @@ async def test_sigterm_finishes_the_request_in_flight_and_exits_0(
         server.process.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
         # New connections are refused while the request in flight still gets its answer.
-        with pytest.raises(OSError):
+        with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection("127.0.0.1", server.wyoming_port)
         await client.write_event(AudioStop().event())
         event = await asyncio.wait_for(client.read_event(), timeout=60)

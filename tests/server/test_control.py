@@ -1,0 +1,391 @@
+"""The control API over real HTTP (aiohttp client) against the real server and models."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from helpers.server import TOKEN, ServerProcess, transcribe
+from helpers.speech import Utterance
+from whisper_normalizer.english import EnglishTextNormalizer
+from wyoming.asr import Transcript
+
+normalize = EnglishTextNormalizer()
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+async def get(http: aiohttp.ClientSession, server: ServerProcess, path: str) -> tuple[int, Any]:
+    async with http.get(server.control_url + path) as response:
+        body = await response.json() if response.content_type == "application/json" else await response.text()
+        return response.status, body
+
+
+async def patch(
+    http: aiohttp.ClientSession, server: ServerProcess, body: Any, headers: dict[str, str] | None = AUTH
+) -> tuple[int, Any]:
+    async with http.patch(server.control_url + "/api/v1/settings", json=body, headers=headers) as response:
+        return response.status, await response.json()
+
+
+async def wait_for_state(
+    http: aiohttp.ClientSession, server: ServerProcess, done: Callable[[dict[str, Any]], bool], timeout: float = 120
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, status = await get(http, server, "/api/v1/status")
+        if done(status):
+            return status
+        await asyncio.sleep(0.1)
+    pytest.fail(f"status never reached the expected state: {status}")
+
+
+def serving(name: str, compute_type: str | None = None) -> Callable[[dict[str, Any]], bool]:
+    def check(status: dict[str, Any]) -> bool:
+        model = status["model"] or {}
+        return (
+            status["state"] == "ready"
+            and model.get("name") == name
+            and (compute_type is None or model.get("compute_type") == compute_type)
+        )
+
+    return check
+
+
+async def say(server: ServerProcess, utterance: Utterance) -> str:
+    audio, rate, width, channels = utterance.pcm()
+    event = await transcribe(server.wyoming_port, audio, rate, width, channels)
+    assert Transcript.is_type(event.type), event
+    return normalize(Transcript.from_event(event).text)
+
+
+async def test_health_and_readiness_before_and_after_the_model_loads(
+    start_server: Callable[..., ServerProcess], http: aiohttp.ClientSession
+) -> None:
+    server = start_server(model="base", args=["--compute-type", "float32"], wait=False)
+    deadline = time.monotonic() + 30
+    healthz = 0
+    while healthz != 200 and time.monotonic() < deadline:
+        try:
+            healthz, _ = await get(http, server, "/healthz")
+        except aiohttp.ClientConnectionError:
+            await asyncio.sleep(0.05)
+    assert healthz == 200
+    status, body = await get(http, server, "/readyz")
+    assert (status, body["status"], body["reason"]) == (503, "not_ready", "loading")
+    await wait_for_state(http, server, serving("base", "float32"))
+    status, body = await get(http, server, "/readyz")
+    assert (status, body) == (200, {"status": "ready", "model": "base"})
+
+
+async def test_metrics_count_transcriptions(
+    start_server: Callable[..., ServerProcess], http: aiohttp.ClientSession, kitchen: Utterance
+) -> None:
+    server = start_server(args=["--compute-type", "int8"])
+    assert await say(server, kitchen) == normalize(kitchen.text)
+    assert await say(server, kitchen) == normalize(kitchen.text)
+    status, text = await get(http, server, "/metrics")
+    assert status == 200
+    assert 'whisper_gpu_requests_total{outcome="ok"} 2.0' in text
+    assert "whisper_gpu_request_duration_seconds_count 2.0" in text
+    assert "whisper_gpu_real_time_factor_count 2.0" in text
+    audio_seconds = float(re.search(r"^whisper_gpu_audio_seconds_total (\S+)$", text, re.MULTILINE).group(1))
+    assert audio_seconds == pytest.approx(2 * kitchen.seconds(), abs=0.01)
+    assert 'whisper_gpu_model_info{compute_type="int8",device="cpu",model="tiny.en"} 1.0' in text
+    assert "whisper_gpu_model_ready 1.0" in text
+    assert 'whisper_gpu_model_loads_total{outcome="ok"} 1.0' in text
+    assert "whisper_gpu_requests_in_flight 0.0" in text
+    assert "# TYPE whisper_gpu_gpu_memory_used_bytes gauge" in text
+    assert TOKEN not in text
+    _, status_body = await get(http, server, "/api/v1/status")
+    assert status_body["requests"]["total"] == 2
+    assert status_body["last_request"]["outcome"] == "ok"
+    assert status_body["last_request"]["duration_ms"] > 0
+
+
+async def test_info_describes_device_models_and_settings(
+    whisper_server: ServerProcess, http: aiohttp.ClientSession
+) -> None:
+    status, info = await get(http, whisper_server, "/api/v1/info")
+    assert status == 200
+    assert re.fullmatch(r"[0-9a-f]{32}", info["server_id"])
+    assert "data_dir" not in info  # no paths or secrets in public reads
+    assert info["device"]["type"] == "cpu"
+    assert info["device"]["memory_total_mb"] > 0
+    assert "int8" in info["compute_types"]
+    assert "float16" not in info["compute_types"]
+    models = {model["name"]: model for model in info["models"]}
+    assert models["tiny.en"]["loaded"]
+    assert models["tiny.en"]["cached"]
+    assert models["base"]["offline_package"]
+    assert not models["base"]["loaded"]
+    assert models["tiny.en"]["english_only"]
+    assert not models["base"]["english_only"]
+    assert {"large-v3", "large-v3-turbo", "distil-large-v3"} <= set(models)
+    assert info["languages"] == ["auto", "en"]
+    schema = info["settings"]
+    assert schema["beam_size"] == {
+        "type": "integer",
+        "default": 5,
+        "min": 1,
+        "max": 10,
+        "reload": False,
+        "description": schema["beam_size"]["description"],
+    }
+    assert schema["model"]["reload"] is True
+    assert "float16" in schema["compute_type"]["choices"]
+    assert set(schema) >= {
+        "model",
+        "language",
+        "compute_type",
+        "device",
+        "beam_size",
+        "vad_threshold",
+        "min_speech_duration_ms",
+        "max_speech_duration_s",
+        "speech_pad_ms",
+    }
+    assert not {"wyoming_port", "control_port", "data_dir", "control_token"} & set(schema)
+
+
+async def test_settings_round_trip_and_apply_to_the_next_request(
+    start_server: Callable[..., ServerProcess], http: aiohttp.ClientSession, kitchen: Utterance
+) -> None:
+    server = start_server(args=["--compute-type", "int8", "--beam-size", "2"])
+    status, body = await get(http, server, "/api/v1/settings")
+    assert status == 200
+    assert body["settings"]["beam_size"] == 2
+    assert body["source"]["beam_size"] == "flag"
+    assert body["source"]["vad_threshold"] == "default"
+    assert body["source"]["model"] == "flag"
+
+    status, body = await patch(http, server, {"beam_size": 1, "vad_threshold": 0.6, "language": "en"})
+    assert status == 200
+    assert sorted(body["changed"]) == ["beam_size", "vad_threshold"]
+    assert body["reload"] is False
+    assert body["settings"]["beam_size"] == 1
+    _, body = await get(http, server, "/api/v1/settings")
+    assert (body["settings"]["beam_size"], body["source"]["beam_size"]) == (1, "api")
+    assert (body["settings"]["vad_threshold"], body["source"]["vad_threshold"]) == (0.6, "api")
+    assert await say(server, kitchen) == normalize(kitchen.text)
+
+    # A VAD threshold of 1.0 hears no speech at all: the next request proves VAD settings apply at once.
+    status, _ = await patch(http, server, {"vad_threshold": 1.0})
+    assert status == 200
+    assert await say(server, kitchen) == ""
+
+    # Back to the boot value: the source is the flag again, not the API.
+    status, body = await patch(http, server, {"beam_size": 2})
+    _, body = await get(http, server, "/api/v1/settings")
+    assert (body["settings"]["beam_size"], body["source"]["beam_size"]) == (2, "flag")
+
+
+@pytest.mark.parametrize(
+    ("body", "errors"),
+    [
+        ({"unknown": 1}, {"unknown": "unknown_field"}),
+        ({"wyoming_port": 10400}, {"wyoming_port": "not_runtime"}),
+        ({"control_token": "x"}, {"control_token": "not_runtime"}),
+        ({"beam_size": "3"}, {"beam_size": "invalid_value"}),
+        ({"beam_size": 2.5}, {"beam_size": "invalid_value"}),
+        ({"beam_size": 11}, {"beam_size": "out_of_range"}),
+        ({"vad_threshold": -0.1}, {"vad_threshold": "out_of_range"}),
+        ({"log_transcripts": "yes"}, {"log_transcripts": "invalid_value"}),
+        ({"compute_type": "int4"}, {"compute_type": "invalid_value"}),
+        ({"language": "klingon"}, {"language": "invalid_value"}),
+        ({"model": "huge"}, {"model": "unknown_model"}),
+        ({"device": "cuda"}, {"device": "not_supported_on_device"}),
+        ({"device": "tpu"}, {"device": "invalid_value"}),
+        ({"compute_type": "float16"}, {"compute_type": "not_supported_on_device"}),
+        ({"language": "de"}, {"language": "not_supported_by_model"}),
+        ({"beam_size": 0, "speech_pad_ms": "x"}, {"beam_size": "out_of_range", "speech_pad_ms": "invalid_value"}),
+    ],
+)
+async def test_invalid_changes_are_refused_with_a_code_and_change_nothing(
+    whisper_server: ServerProcess, http: aiohttp.ClientSession, body: dict[str, Any], errors: dict[str, str]
+) -> None:
+    _, before = await get(http, whisper_server, "/api/v1/settings")
+    status, answer = await patch(http, whisper_server, body)
+    assert (status, answer) == (400, {"errors": errors})
+    _, after = await get(http, whisper_server, "/api/v1/settings")
+    assert after == before
+
+
+@pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b'"text"', b""])
+async def test_a_body_that_is_not_a_json_object_is_refused(
+    whisper_server: ServerProcess, http: aiohttp.ClientSession, raw: bytes
+) -> None:
+    async with http.patch(whisper_server.control_url + "/api/v1/settings", data=raw, headers=AUTH) as response:
+        assert response.status == 400
+        assert await response.json() == {"errors": {"base": "invalid_json"}}
+
+
+async def test_an_oversized_body_is_refused(whisper_server: ServerProcess, http: aiohttp.ClientSession) -> None:
+    body = b'{"beam_size": 3, "pad": "' + b"x" * 70_000 + b'"}'
+    async with http.patch(whisper_server.control_url + "/api/v1/settings", data=body, headers=AUTH) as response:
+        assert response.status == 413
+        assert await response.json() == {"error": "body_too_large"}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [None, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": "Basic " + TOKEN}],
+    ids=["missing", "wrong", "no-scheme", "basic"],
+)
+async def test_changes_need_the_token(
+    whisper_server: ServerProcess, http: aiohttp.ClientSession, headers: dict[str, str] | None
+) -> None:
+    _, before = await get(http, whisper_server, "/api/v1/settings")
+    status, body = await patch(http, whisper_server, {"beam_size": 1}, headers=headers)
+    assert (status, body) == (401, {"error": "unauthorized"})
+    _, after = await get(http, whisper_server, "/api/v1/settings")
+    assert after == before
+    async with http.get(whisper_server.control_url + "/api/v1/auth", headers=headers) as response:
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    async with http.get(whisper_server.control_url + "/api/v1/auth", headers=AUTH) as response:
+        assert response.status == 204
+    assert TOKEN not in whisper_server.log()
+
+
+async def test_unknown_paths_and_methods_answer_json(
+    whisper_server: ServerProcess, http: aiohttp.ClientSession
+) -> None:
+    status, body = await get(http, whisper_server, "/api/v1/nothing")
+    assert (status, body) == (404, {"error": "not_found"})
+    async with http.post(whisper_server.control_url + "/api/v1/settings", headers=AUTH) as response:
+        assert response.status == 405
+        assert await response.json() == {"error": "method_not_allowed"}
+
+
+async def keep_talking(server: ServerProcess, utterance: Utterance, stop: asyncio.Event) -> list[str]:
+    """Transcribe back to back until stopped; every answer is kept (a lost request fails the caller)."""
+    heard = []
+    while not stop.is_set():
+        heard.append(await say(server, utterance))
+    heard.append(await say(server, utterance))
+    return heard
+
+
+@pytest.mark.parametrize(
+    ("boot", "change", "after"),
+    [
+        (("base", "float32"), {"model": "tiny.en", "compute_type": "int8"}, ("tiny.en", "int8")),
+        (("base", "float32"), {"compute_type": "int8"}, ("base", "int8")),
+    ],
+    ids=["base-to-tiny.en", "float32-to-int8"],
+)
+async def test_hot_switch_while_transcribing_loses_no_request(
+    start_server: Callable[..., ServerProcess],
+    http: aiohttp.ClientSession,
+    kitchen: Utterance,
+    boot: tuple[str, str],
+    change: dict[str, str],
+    after: tuple[str, str],
+) -> None:
+    server = start_server(model=boot[0], args=["--compute-type", boot[1]])
+    stop = asyncio.Event()
+    talking = asyncio.create_task(keep_talking(server, kitchen, stop))
+    await asyncio.sleep(0.5)  # a request is in flight now
+    status, body = await patch(http, server, change)
+    assert status == 200
+    assert body["reload"] is True
+    status, conflict = await patch(http, server, {"beam_size": 3})
+    assert (status, conflict) == (409, {"error": "reload_in_progress"})
+    during = await wait_for_state(
+        http, server, lambda status: status["target"] is not None or status["model"]["name"] == after[0]
+    )
+    assert during["model"] is not None  # the old model keeps serving while the new one loads
+    await wait_for_state(http, server, serving(*after))
+    await asyncio.sleep(0.5)
+    stop.set()
+    heard = await talking
+    assert len(heard) >= 2
+    assert heard == [normalize(kitchen.text)] * len(heard)
+    served_by = re.findall(r"outcome ok", server.log())
+    assert len(served_by) == len(heard)
+    assert f"model {boot[0]}, outcome ok" in server.log()
+    assert f"model {after[0]}, outcome ok" in server.log()
+    assert "Unloaded" in server.log()
+    _, settings = await get(http, server, "/api/v1/settings")
+    assert settings["settings"]["compute_type"] == after[1]
+
+
+async def test_a_failed_switch_keeps_the_old_model_serving(
+    start_server: Callable[..., ServerProcess], http: aiohttp.ClientSession, kitchen: Utterance
+) -> None:
+    server = start_server(args=["--compute-type", "int8"])
+    status, body = await patch(http, server, {"model": "nobody/no-such-model"})
+    assert (status, body["reload"]) == (200, True)
+    failed = await wait_for_state(http, server, lambda status: status["state"] == "failed")
+    assert failed["error"]["code"] == "download_failed"
+    assert "nobody/no-such-model" in failed["error"]["message"]
+    assert failed["model"]["name"] == "tiny.en"
+    assert (await get(http, server, "/readyz"))[0] == 200
+    assert await say(server, kitchen) == normalize(kitchen.text)
+    _, settings = await get(http, server, "/api/v1/settings")
+    assert settings["settings"]["model"] == "tiny.en"
+    assert 'whisper_gpu_model_loads_total{outcome="failed"} 1.0' in (await get(http, server, "/metrics"))[1]
+
+
+async def test_memory_check_refuses_a_switch_that_would_not_fit(
+    start_server: Callable[..., ServerProcess], http: aiohttp.ClientSession, kitchen: Utterance
+) -> None:
+    # 300 MB: base int8 (about 205 MB) serves; tiny.en (about 165 MB) does not fit beside it.
+    server = start_server(model="base", args=["--compute-type", "int8", "--memory-limit-mb", "300"])
+    _, info = await get(http, server, "/api/v1/info")
+    usable = {model["name"]: model["usable"] for model in info["models"]}
+    assert usable["tiny.en"]
+    assert usable["base"]
+    assert not usable["large-v3"]
+    status, body = await patch(http, server, {"model": "tiny.en"})
+    assert (status, body) == (400, {"errors": {"model": "insufficient_memory"}})
+    assert (await get(http, server, "/api/v1/status"))[1]["model"]["name"] == "base"
+
+    # With low_memory_switch the old model is unloaded first and requests wait for the new one.
+    status, body = await patch(http, server, {"low_memory_switch": True})
+    assert status == 200
+    status, body = await patch(http, server, {"model": "tiny.en"})
+    assert (status, body["reload"]) == (200, True)
+    assert await say(server, kitchen) == normalize(kitchen.text)
+    await wait_for_state(http, server, serving("tiny.en", "int8"))
+    assert "Unloading base before loading tiny.en" in server.log()
+
+
+async def test_changes_persist_across_restarts_unless_the_boot_value_changed(
+    start_server: Callable[..., ServerProcess], http: aiohttp.ClientSession, tmp_path: Any
+) -> None:
+    data_dir = tmp_path / "persist"
+    first = start_server(data_dir=data_dir, args=["--compute-type", "int8", "--beam-size", "2"])
+    status, _ = await patch(http, first, {"beam_size": 4, "vad_threshold": 0.3, "model": "base"})
+    assert status == 200
+    await wait_for_state(http, first, serving("base"))
+    assert first.stop() == 0
+
+    # Same boot values: the API's changes come back.
+    second = start_server(data_dir=data_dir, args=["--compute-type", "int8", "--beam-size", "2"])
+    _, body = await get(http, second, "/api/v1/settings")
+    assert body["settings"]["beam_size"] == 4
+    assert body["settings"]["vad_threshold"] == 0.3
+    assert body["settings"]["model"] == "base"
+    assert body["source"]["beam_size"] == body["source"]["vad_threshold"] == body["source"]["model"] == "api"
+    assert (await get(http, second, "/api/v1/status"))[1]["model"]["name"] == "base"
+    assert second.stop() == 0
+
+    # The operator changed BEAM_SIZE since: the boot value wins, the other changes stay.
+    third = start_server(data_dir=data_dir, model="tiny.en", args=["--compute-type", "int8"], env={"BEAM_SIZE": "3"})
+    _, body = await get(http, third, "/api/v1/settings")
+    assert (body["settings"]["beam_size"], body["source"]["beam_size"]) == (3, "env")
+    assert (body["settings"]["vad_threshold"], body["source"]["vad_threshold"]) == (0.3, "api")
+    assert body["settings"]["model"] == "base"  # MODEL's boot value (the flag) did not change
+    assert "Dropping stored beam_size=4" in third.log()
