@@ -354,10 +354,7 @@ def _setting_selector(name: str, info: ServerInfo, settings: Mapping[str, Any]) 
     if name == SETTING_LANGUAGE:
         return _select(info.languages)
 
-    schema = info.settings_schema[name]
-    if "choices" in schema:
-        return _select([str(choice) for choice in schema["choices"]])
-    return _number_selector(name, schema)
+    return _number_selector(name, info.settings_schema[name])
 
 
 def _number_selector(name: str, schema: Mapping[str, Any]) -> Any:

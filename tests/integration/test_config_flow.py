@@ -355,3 +355,31 @@ async def test_ports_are_stored_as_int(hass: HomeAssistant, server: WhisperGpuSe
     assert result["type"] is FlowResultType.CREATE_ENTRY
     assert type(result["data"][CONF_WYOMING_PORT]) is int
     assert type(result["data"][CONF_CONTROL_PORT]) is int
+
+
+@pytest.mark.parametrize(
+    "routes",
+    [
+        {("GET", "/api/v1/info"): (200, {"server_id": 7, "name": "x", "version": "1"})},
+        {("GET", "/api/v1/info"): (200, ["not", "an", "object"])},
+        {("GET", "/api/v1/info"): "real", ("GET", "/api/v1/auth"): (200, {"ok": True})},
+    ],
+    ids=["id_not_a_string", "not_an_object", "auth_answers_200"],
+)
+async def test_user_not_whisper_gpu_answers(
+    hass: HomeAssistant,
+    server: WhisperGpuServer,
+    stub_server: StubControlServer,
+    routes: dict[tuple[str, str], Any],
+) -> None:
+    """Answers that look almost, but not quite, like whisper-gpu's."""
+    for route, answer in routes.items():
+        stub_server.routes[route] = server.request(*route) if answer == "real" else answer
+
+    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], server.entry_data(control_port=stub_server.port)
+    )
+
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {"base": "not_whisper_gpu"}

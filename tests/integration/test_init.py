@@ -1,5 +1,7 @@
 """Setup, unload, migration, availability and the options mirror, with a real server."""
 
+from typing import Any
+
 import pytest
 
 from custom_components.whisper_gpu.const import DOMAIN
@@ -9,7 +11,7 @@ from homeassistant.core import HomeAssistant
 from homeassistant.helpers import device_registry as dr, entity_registry as er, issue_registry as ir
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
-from .common import WhisperGpuServer, poll, setup_entry
+from .common import StubControlServer, WhisperGpuServer, mirror, poll, setup_entry
 
 ENTITIES = (
     "stt.whisper_gpu_speech_to_text",
@@ -208,3 +210,37 @@ async def test_repair_issue_when_model_fails(
     assert issue_registry.async_get_issue(DOMAIN, issue_id) is not None
     assert await hass.config_entries.async_unload(entry.entry_id)
     assert issue_registry.async_get_issue(DOMAIN, issue_id) is None
+
+
+@pytest.mark.parametrize(
+    ("route", "answer"),
+    [
+        (("GET", "/api/v1/status"), (500, None)),
+        (("GET", "/api/v1/status"), (200, {"state": None})),
+        (("GET", "/api/v1/settings"), (200, {"no": "settings"})),
+        (("GET", "/api/v1/settings"), (404, None)),
+    ],
+    ids=["status_500", "status_malformed", "settings_missing", "settings_404"],
+)
+async def test_unexpected_answers_make_entities_unavailable(
+    hass: HomeAssistant,
+    server: WhisperGpuServer,
+    stub_server: StubControlServer,
+    route: tuple[str, str],
+    answer: tuple[int, Any],
+) -> None:
+    """An answer the integration cannot read counts as the server being away."""
+    mirror(stub_server, server)
+    entry = MockConfigEntry(
+        domain=DOMAIN, title="whisper-gpu", unique_id=server.server_id, data=server.entry_data(control_port=stub_server.port)
+    )
+    await setup_entry(hass, entry)
+    good = stub_server.routes[route]
+
+    stub_server.routes[route] = answer
+    await poll(hass)
+    assert hass.states.get("sensor.whisper_gpu_model_state").state == STATE_UNAVAILABLE
+
+    stub_server.routes[route] = good
+    await poll(hass)
+    assert hass.states.get("sensor.whisper_gpu_model_state").state == "ready"

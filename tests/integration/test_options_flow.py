@@ -195,3 +195,31 @@ async def test_options_server_down(hass: HomeAssistant, server: WhisperGpuServer
 
     assert result["type"] is FlowResultType.ABORT
     assert result["reason"] == "cannot_connect"
+
+
+async def test_options_form_follows_the_servers_schema(
+    hass: HomeAssistant, server: WhisperGpuServer, stub_server: StubControlServer
+) -> None:
+    """A server with fewer settings (older, say) gets a form with only those; its model shows."""
+    mirror(stub_server, server)
+    _, info = stub_server.routes["GET", "/api/v1/info"]
+    info["settings"] = {name: info["settings"][name] for name in ("model", "compute_type", "language", "beam_size")}
+    info["settings"]["beam_size"] = {"type": "integer", "default": 5}
+    _, settings = stub_server.routes["GET", "/api/v1/settings"]
+    settings["settings"]["model"] = "/models/my-finetune"
+    entry = MockConfigEntry(domain=DOMAIN, data=server.entry_data(control_port=stub_server.port))
+    entry.add_to_hass(hass)
+
+    result = await hass.config_entries.options.async_init(entry.entry_id)
+
+    assert result["type"] is FlowResultType.FORM
+    schema = result["data_schema"].schema
+    assert [str(key) for key in schema] == ["model_settings", "decoding"]
+    sections = {str(key): value for key, value in schema.items()}
+    model_selector = next(iter(sections["model_settings"].schema.schema.values()))
+    assert model_selector.config["options"][-1] == "/models/my-finetune"
+    beam_selector = sections["decoding"].schema.schema
+    beam = next(value for key, value in beam_selector.items() if str(key) == "beam_size")
+    number = beam.validators[0]
+    assert "min" not in number.config
+    assert "max" not in number.config
