@@ -34,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"whisper-gpu: invalid setting {spec.env} ({spec.flag}): {err.message}", file=sys.stderr)  # noqa: T201
         return 2
     _configure_logging(settings["log_level"])
+    for note in settings.notes:
+        _LOGGER.info("%s", note)
     return int(args.run(args, settings))
 
 

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -392,6 +392,7 @@ class ResolvedSettings:
 
     values: dict[str, Any]
     sources: dict[str, Source]
+    notes: list[str] = field(default_factory=list)
 
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
@@ -415,38 +416,38 @@ def resolve_settings(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Re
     """
     values: dict[str, Any] = {}
     sources: dict[str, Source] = {}
+    notes: list[str] = []
     for name, spec in SETTINGS.items():
         flag_value = flags.get(name)
         if flag_value is not None:
             values[name] = spec.validate(flag_value) if isinstance(flag_value, bool) else spec.parse(str(flag_value))
             sources[name] = Source.FLAG
             continue
-        text, env_name = _from_environment(spec, environ)
+        text, note = _from_environment(spec, environ)
+        if note:
+            notes.append(note)
         if text is None:
             values[name] = spec.default
             sources[name] = Source.DEFAULT
             continue
         values[name] = spec.parse(text)
         sources[name] = Source.ENV
-        _LOGGER.debug("%s from %s", name, env_name)
     if not values["data_dir"]:
         values["data_dir"] = str(default_data_dir(environ))
-    return ResolvedSettings(values, sources)
+    return ResolvedSettings(values, sources, notes)
 
 
-def _from_environment(spec: SettingSpec, environ: Mapping[str, str]) -> tuple[str | None, str]:
+def _from_environment(spec: SettingSpec, environ: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """The text for a setting from the environment, and a note for the log when a value is skipped."""
     prefixed = ENV_PREFIX + spec.env
     if environ.get(prefixed, "").strip():
-        return environ[prefixed], prefixed
+        return environ[prefixed], None
     bare = environ.get(spec.env, "").strip()
     if not bare:
-        return None, spec.env
+        return None, None
     if spec.name == "language" and _is_locale_list(bare):
-        _LOGGER.info(
-            "Ignoring LANGUAGE=%s: a locale list, not a Whisper language (set WHISPER_GPU_LANGUAGE instead)", bare
-        )
-        return None, spec.env
-    return bare, spec.env
+        return None, f"Ignoring LANGUAGE={bare}: a locale list, not a Whisper language (set WHISPER_GPU_LANGUAGE)"
+    return bare, None
 
 
 def _is_locale_list(text: str) -> bool:

