@@ -31,9 +31,8 @@ async def run(args: argparse.Namespace) -> None:
         server = ServerProcess(root / "data", model=args.model, args=server_args)
         started = time.monotonic()
         server.start()
-        print(
-            f"model {args.model} ({args.compute_type}, beam {args.beam_size}): ready in {time.monotonic() - started:.1f} s"
-        )
+        ready_s = time.monotonic() - started
+        print(f"model {args.model} ({args.compute_type}, beam {args.beam_size}): ready in {ready_s:.1f} s")
         print(f"command: {utterance.seconds():.2f} s of speech")
         try:
             latencies = []

@@ -42,6 +42,18 @@ def server_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "whisper_gpu"]
 
 
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run a `whisper-gpu` subcommand in a clean environment and capture its output."""
+    return subprocess.run(
+        [*server_command(), *args],
+        capture_output=True,
+        text=True,
+        env=clean_environment(env),
+        timeout=timeout,
+        check=False,
+    )
+
+
 def clean_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The test process's environment without whisper-gpu settings (bare or prefixed), plus extra."""
     from whisper_gpu.settings import ENV_PREFIX, SETTINGS  # noqa: PLC0415 - imported where the server is

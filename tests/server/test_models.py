@@ -13,23 +13,12 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from helpers.server import ServerProcess, clean_environment, free_port, server_command, transcribe
+from helpers.server import ServerProcess, free_port, run_cli, transcribe
 from helpers.speech import Utterance
 from whisper_normalizer.english import EnglishTextNormalizer
 from wyoming.error import Error
 
 normalize = EnglishTextNormalizer()
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*server_command(), *args],
-        capture_output=True,
-        text=True,
-        env=clean_environment(env),
-        timeout=timeout,
-        check=False,
-    )
 
 
 def wait_for(server: ServerProcess, state: str, timeout: float = 60) -> dict[str, object]:

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers.server import ServerProcess, clean_environment, server_command
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*server_command(), *args],
-        capture_output=True,
-        text=True,
-        env=clean_environment(env),
-        timeout=timeout,
-        check=False,
-    )
+from helpers.server import ServerProcess, run_cli
 
 
 def test_precedence_is_flag_then_prefixed_then_bare_then_default(start_server: Callable[..., ServerProcess]) -> None:
