@@ -37,6 +37,19 @@ class Announcer:
         if not addresses:
             _LOGGER.warning("Zeroconf: no network address to announce; set ZEROCONF=off to silence this")
             return
+        self._infos = self.service_infos(addresses)
+        try:
+            self._zeroconf = AsyncZeroconf(ip_version=IPVersion.V4Only)
+            for info in self._infos:
+                await self._zeroconf.async_register_service(info)
+        except OSError as err:
+            _LOGGER.warning("Zeroconf announcement failed: %s", err)
+            await self.close()
+            return
+        _LOGGER.info("Announced %s on %s", " and ".join(info.type for info in self._infos), ", ".join(addresses))
+
+    def service_infos(self, addresses: list[str]) -> list[AsyncServiceInfo]:
+        """What is announced: our own type, plus Wyoming's in `wyoming` mode, with the ports and id in TXT."""
         types = [SERVICE_TYPE] + ([WYOMING_SERVICE_TYPE] if self._mode == "wyoming" else [])
         instance = f"whisper-gpu-{self._server_id[:8]}"
         properties = {
@@ -45,7 +58,7 @@ class Announcer:
             "wyoming_port": str(self._wyoming_port),
             "control_port": str(self._control_port),
         }
-        self._infos = [
+        return [
             AsyncServiceInfo(
                 service_type,
                 f"{instance}.{service_type}",
@@ -56,15 +69,6 @@ class Announcer:
             )
             for service_type in types
         ]
-        try:
-            self._zeroconf = AsyncZeroconf(ip_version=IPVersion.V4Only)
-            for info in self._infos:
-                await self._zeroconf.async_register_service(info)
-        except OSError as err:
-            _LOGGER.warning("Zeroconf announcement failed: %s", err)
-            await self.close()
-            return
-        _LOGGER.info("Announced %s on %s", " and ".join(types), ", ".join(addresses))
 
     async def close(self) -> None:
         """Withdraw the announcement."""

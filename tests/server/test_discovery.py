@@ -1,0 +1,42 @@
+"""What the server announces over zeroconf (built, not multicast: tests send no traffic off this machine)."""
+
+from __future__ import annotations
+
+import pytest
+from whisper_gpu import __version__
+from whisper_gpu.discovery import Announcer
+
+
+@pytest.mark.parametrize(
+    ("mode", "types"),
+    [
+        ("whisper-gpu", ["_whisper-gpu._tcp.local."]),
+        ("wyoming", ["_whisper-gpu._tcp.local.", "_wyoming._tcp.local."]),
+    ],
+)
+def test_announcement_carries_id_version_and_ports(mode: str, types: list[str]) -> None:
+    announcer = Announcer(mode, "0123456789abcdef0123456789abcdef", "0.0.0.0", 10300, 10301)
+    infos = announcer.service_infos(["192.0.2.10"])
+    assert [info.type for info in infos] == types
+    for info in infos:
+        assert info.name == f"whisper-gpu-01234567.{info.type}"
+        assert info.port == 10300
+        assert info.parsed_addresses() == ["192.0.2.10"]
+        assert info.decoded_properties == {
+            "id": "0123456789abcdef0123456789abcdef",
+            "version": __version__,
+            "wyoming_port": "10300",
+            "control_port": "10301",
+        }
+
+
+async def test_off_announces_nothing() -> None:
+    announcer = Announcer("off", "0123456789abcdef", "0.0.0.0", 10300, 10301)
+    await announcer.start()
+    assert announcer._zeroconf is None
+    await announcer.close()
+
+
+def test_a_fixed_listen_address_is_the_announced_one() -> None:
+    announcer = Announcer("whisper-gpu", "0123456789abcdef", "192.0.2.7", 10300, 10301)
+    assert announcer._addresses() == ["192.0.2.7"]
