@@ -225,8 +225,10 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
             errors=errors,
         )
 
-    @override
-    async def async_step_reauth(self, entry_data: Mapping[str, Any]) -> ConfigFlowResult:
+    async def async_step_reauth(
+        self,
+        entry_data: Mapping[str, Any],  # noqa: ARG002 - the token is asked for anew
+    ) -> ConfigFlowResult:
         """Start over with a new token after the server rejected the old one."""
         return await self.async_step_reauth_confirm()
 

@@ -4,6 +4,7 @@ from collections.abc import AsyncIterable
 from typing import override
 
 from homeassistant.components import stt
+from homeassistant.components.stt.models import SpeechAudioProcessing
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers.entity import EntityDescription
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
@@ -27,7 +28,7 @@ async def async_setup_entry(
 ) -> None:
     """Add the speech-to-text entity of a server."""
     data = entry.runtime_data
-    audio_processing = stt.SpeechAudioProcessing(
+    audio_processing = SpeechAudioProcessing(
         requires_external_vad=data.asr.requires_external_vad,
         prefers_auto_gain_enabled=data.asr.prefers_auto_gain_enabled,
         prefers_noise_reduction_enabled=data.asr.prefers_noise_reduction_enabled,
@@ -42,7 +43,7 @@ class WhisperGpuSpeechToText(WhisperGpuEntity, stt.SpeechToTextEntity):
         self,
         coordinator: WhisperGpuCoordinator,
         description: EntityDescription,
-        audio_processing: stt.SpeechAudioProcessing,
+        audio_processing: SpeechAudioProcessing,
     ) -> None:
         """Set up the entity with what the server's Wyoming info asks for."""
         super().__init__(coordinator, description)
@@ -86,7 +87,7 @@ class WhisperGpuSpeechToText(WhisperGpuEntity, stt.SpeechToTextEntity):
 
     @property
     @override
-    def audio_processing(self) -> stt.SpeechAudioProcessing:
+    def audio_processing(self) -> SpeechAudioProcessing:
         """Return what the server asks the pipeline to do with the audio."""
         return self._audio_processing
 

@@ -1,31 +1,31 @@
 """Helpers of the integration tests: server processes, stub servers, audio, setup."""
 
-from collections.abc import AsyncGenerator
 import contextlib
-from dataclasses import dataclass, field
-from datetime import timedelta
 import json
 import os
-from pathlib import Path
 import re
 import socket
 import subprocess
 import sys
 import time
-from typing import Any
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
-from aiohttp import web
 import pytest
-
-from custom_components.whisper_gpu.const import CONF_CONTROL_PORT, CONF_WYOMING_PORT, SCAN_INTERVAL
+from aiohttp import web
 from homeassistant.components import stt
 from homeassistant.const import CONF_HOST, CONF_TOKEN
 from homeassistant.core import HomeAssistant
 from homeassistant.util import dt as dt_util
 from pytest_homeassistant_custom_component.common import MockConfigEntry, async_fire_time_changed
+
+from custom_components.whisper_gpu.const import CONF_CONTROL_PORT, CONF_WYOMING_PORT, SCAN_INTERVAL
 
 HOST = "127.0.0.1"
 TEST_MODEL = "tiny.en"
@@ -136,7 +136,7 @@ class WhisperGpuServer:
         self, method: str, path: str, body: dict[str, Any] | None = None, *, token: str | None = None
     ) -> tuple[int, Any]:
         """Send a request to the control API (blocking; for setup and checks)."""
-        request = urllib.request.Request(  # noqa: S310 - always http://127.0.0.1
+        request = urllib.request.Request(
             f"http://{self.host}:{self.control_port}{path}",
             method=method,
             data=None if body is None else json.dumps(body).encode(),

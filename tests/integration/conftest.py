@@ -5,19 +5,19 @@ real whisper-gpu server on loopback, started once per session with the fast
 tiny.en model. Tests that stop, restart or break a server start their own.
 """
 
-from collections.abc import AsyncIterator, Iterator
 import contextlib
-from pathlib import Path
 import shutil
 import subprocess
-from typing import Any
 import wave
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_socket
+from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.whisper_gpu.const import DOMAIN
-from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from .common import HOST, UTTERANCE, StubControlServer, WhisperGpuServer, free_port
 

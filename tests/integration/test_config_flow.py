@@ -4,12 +4,6 @@ from ipaddress import ip_address
 from typing import Any
 
 import pytest
-
-from custom_components.whisper_gpu.const import (
-    CONF_CONTROL_PORT,
-    CONF_WYOMING_PORT,
-    DOMAIN,
-)
 from homeassistant.config_entries import (
     SOURCE_HASSIO,
     SOURCE_USER,
@@ -22,6 +16,12 @@ from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers.service_info.hassio import HassioServiceInfo
 from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 from pytest_homeassistant_custom_component.common import MockConfigEntry
+
+from custom_components.whisper_gpu.const import (
+    CONF_CONTROL_PORT,
+    CONF_WYOMING_PORT,
+    DOMAIN,
+)
 
 from .common import HOST, StubControlServer, WhisperGpuServer
 
@@ -107,7 +107,7 @@ async def test_user_errors_then_recovers(
     stub_server.routes["GET", "/api/v1/info"] = (200, {"name": "something else", "version": 3})
     bad_input = {
         "closed_port": server.entry_data(control_port=closed_port),
-        "wrong_token": server.entry_data(token="wrong"),
+        "wrong_token": server.entry_data(token="wrong"),  # noqa: S106
         "http_404": server.entry_data(control_port=stub_server.port, host=HOST),
         "foreign_json": server.entry_data(control_port=stub_server.port),
         "closed_wyoming_port": server.entry_data(wyoming_port=closed_port),
@@ -255,7 +255,9 @@ async def test_hassio_confirm(hass: HomeAssistant, server: WhisperGpuServer, clo
 async def test_hassio_updates_existing(hass: HomeAssistant, server: WhisperGpuServer) -> None:
     """The add-on announced again with a new port and token: the entry takes them."""
     entry = MockConfigEntry(
-        domain=DOMAIN, unique_id=server.server_id, data=server.entry_data(control_port=1, token="old")
+        domain=DOMAIN,
+        unique_id=server.server_id,
+        data=server.entry_data(control_port=1, token="old"),  # noqa: S106
     )
     entry.add_to_hass(hass)
 
@@ -320,7 +322,7 @@ async def test_reconfigure_other_server(hass: HomeAssistant, server: WhisperGpuS
 async def test_reauth(hass: HomeAssistant, server: WhisperGpuServer, config_entry: MockConfigEntry) -> None:
     """A rejected token at setup starts reauth; the new token is checked and stored."""
     config_entry.add_to_hass(hass)
-    hass.config_entries.async_update_entry(config_entry, data=server.entry_data(token="old"))
+    hass.config_entries.async_update_entry(config_entry, data=server.entry_data(token="old"))  # noqa: S106
     await hass.config_entries.async_setup(config_entry.entry_id)
     await hass.async_block_till_done()
     assert config_entry.state is ConfigEntryState.SETUP_ERROR

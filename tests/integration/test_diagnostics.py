@@ -21,7 +21,7 @@ async def test_diagnostics_redact_token_and_host(
 
     diagnostics = await get_diagnostics_for_config_entry(hass, hass_client, config_entry)
 
-    assert diagnostics["entry"]["data"]["token"] == "**REDACTED**"
+    assert diagnostics["entry"]["data"]["token"] == "**REDACTED**"  # noqa: S105
     assert diagnostics["entry"]["data"]["host"] == "**REDACTED**"
     assert diagnostics["entry"]["data"]["wyoming_port"] == server.wyoming_port
     assert diagnostics["entry"]["options"]["model"] == "tiny.en"

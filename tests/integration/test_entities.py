@@ -3,8 +3,6 @@
 from typing import Any
 
 import pytest
-
-from custom_components.whisper_gpu.const import DOMAIN
 from homeassistant.components import stt
 from homeassistant.components.select import ATTR_OPTION, ATTR_OPTIONS, SERVICE_SELECT_OPTION
 from homeassistant.components.select import DOMAIN as SELECT_DOMAIN
@@ -12,6 +10,8 @@ from homeassistant.const import ATTR_ENTITY_ID, ATTR_UNIT_OF_MEASUREMENT
 from homeassistant.core import HomeAssistant
 from homeassistant.exceptions import HomeAssistantError
 from pytest_homeassistant_custom_component.common import MockConfigEntry
+
+from custom_components.whisper_gpu.const import DOMAIN
 
 from .common import (
     SECOND_MODEL,
@@ -83,7 +83,10 @@ async def test_select_errors(
     mirror(stub_server, server)
     stub_server.routes["PATCH", "/api/v1/settings"] = answer
     entry = MockConfigEntry(
-        domain=DOMAIN, title="whisper-gpu", unique_id=server.server_id, data=server.entry_data(control_port=stub_server.port)
+        domain=DOMAIN,
+        title="whisper-gpu",
+        unique_id=server.server_id,
+        data=server.entry_data(control_port=stub_server.port),
     )
     await setup_entry(hass, entry)
 
@@ -106,7 +109,10 @@ async def test_select_keeps_a_model_outside_the_list(
     body["settings"]["model"] = "/models/my-finetune"
     stub_server.routes["GET", "/api/v1/settings"] = (status, body)
     entry = MockConfigEntry(
-        domain=DOMAIN, title="whisper-gpu", unique_id=server.server_id, data=server.entry_data(control_port=stub_server.port)
+        domain=DOMAIN,
+        title="whisper-gpu",
+        unique_id=server.server_id,
+        data=server.entry_data(control_port=stub_server.port),
     )
     await setup_entry(hass, entry)
 
@@ -144,7 +150,10 @@ async def test_unknown_model_state(
     status, body = stub_server.routes["GET", "/api/v1/status"]
     stub_server.routes["GET", "/api/v1/status"] = (status, {**body, "state": "warming_up", "last_request": None})
     entry = MockConfigEntry(
-        domain=DOMAIN, title="whisper-gpu", unique_id=server.server_id, data=server.entry_data(control_port=stub_server.port)
+        domain=DOMAIN,
+        title="whisper-gpu",
+        unique_id=server.server_id,
+        data=server.entry_data(control_port=stub_server.port),
     )
     await setup_entry(hass, entry)
 

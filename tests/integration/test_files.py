@@ -1,19 +1,20 @@
 """The files HACS and hassfest check, checked here since neither runs in this CI."""
 
 import json
-from pathlib import Path
 import re
 import tomllib
-
-from PIL import Image
-import probatio
-import pytest
+from pathlib import Path
 
 import homeassistant.components.wyoming as core_wyoming
+import probatio
+import pytest
 from homeassistant.const import __version__ as ha_version
 from homeassistant.core import HomeAssistant
 from homeassistant.loader import async_get_integration
 from homeassistant.util.json import JsonObjectType
+from PIL import Image
+
+from custom_components.whisper_gpu.const import SETTINGS_ERROR_CODES
 
 ROOT = Path(__file__).parents[2]
 INTEGRATION = ROOT / "custom_components" / "whisper_gpu"
@@ -101,11 +102,11 @@ def test_license() -> None:
     text = (ROOT / "LICENSE").read_text()
     assert text.startswith("MIT License\n")
     assert "Copyright (c) 2026 whisper-gpu developers" in text
-    assert "THE SOFTWARE IS PROVIDED \"AS IS\"" in text
+    assert 'THE SOFTWARE IS PROVIDED "AS IS"' in text
 
 
 def test_brand_icon() -> None:
-    """A 256×256 PNG icon in brand/, which Home Assistant serves for custom integrations."""
+    """A 256 x 256 PNG icon in brand/, which Home Assistant serves for custom integrations."""
     with Image.open(INTEGRATION / "brand" / "icon.png") as icon:
         assert icon.format == "PNG"
         assert icon.size == (256, 256)
@@ -142,9 +143,7 @@ def test_every_error_and_reason_is_translated() -> None:
     for key in re.findall(r'translation_key="(\w+)"', code):
         groups = [strings["exceptions"], strings["issues"], *strings["entity"].values()]
         assert any(key in group for group in groups), key
-    from custom_components.whisper_gpu.const import SETTINGS_ERROR_CODES
-
-    assert SETTINGS_ERROR_CODES <= set(options["error"])
+    assert set(options["error"]) >= SETTINGS_ERROR_CODES
 
 
 @pytest.mark.parametrize("path", ["docs/home-assistant.md"])

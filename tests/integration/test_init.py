@@ -3,13 +3,15 @@
 from typing import Any
 
 import pytest
-
-from custom_components.whisper_gpu.const import DOMAIN
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.const import STATE_UNAVAILABLE
 from homeassistant.core import HomeAssistant
-from homeassistant.helpers import device_registry as dr, entity_registry as er, issue_registry as ir
+from homeassistant.helpers import device_registry as dr
+from homeassistant.helpers import entity_registry as er
+from homeassistant.helpers import issue_registry as ir
 from pytest_homeassistant_custom_component.common import MockConfigEntry
+
+from custom_components.whisper_gpu.const import DOMAIN
 
 from .common import StubControlServer, WhisperGpuServer, mirror, poll, setup_entry
 
@@ -56,9 +58,7 @@ async def test_setup_unload_reload(
     assert all(hass.states.get(entity_id).state == STATE_UNAVAILABLE for entity_id in ENTITIES)
 
 
-async def test_setup_retries_while_server_down(
-    hass: HomeAssistant, server: WhisperGpuServer, closed_port: int
-) -> None:
+async def test_setup_retries_while_server_down(hass: HomeAssistant, server: WhisperGpuServer, closed_port: int) -> None:
     """A server that does not answer at start: setup is retried, with the reason."""
     entry = MockConfigEntry(domain=DOMAIN, unique_id=server.server_id, data=server.entry_data(control_port=closed_port))
     await setup_entry(hass, entry)
@@ -134,7 +134,9 @@ async def test_unavailable_while_down_and_back_by_itself(
     own_server.start()
     status, body = own_server.request("PATCH", "/api/v1/settings", {"beam_size": 3})
     assert status == 200, body
-    entry = MockConfigEntry(domain=DOMAIN, title="whisper-gpu", unique_id=own_server.server_id, data=own_server.entry_data())
+    entry = MockConfigEntry(
+        domain=DOMAIN, title="whisper-gpu", unique_id=own_server.server_id, data=own_server.entry_data()
+    )
     await setup_entry(hass, entry)
     assert entry.options["beam_size"] == 3
 
@@ -155,17 +157,17 @@ async def test_unavailable_while_down_and_back_by_itself(
     assert entry.state is ConfigEntryState.LOADED
 
 
-async def test_reauth_when_token_changes_while_running(
-    hass: HomeAssistant, own_server: WhisperGpuServer
-) -> None:
+async def test_reauth_when_token_changes_while_running(hass: HomeAssistant, own_server: WhisperGpuServer) -> None:
     """The server came back with another token: reauth starts by itself."""
     own_server.start()
-    entry = MockConfigEntry(domain=DOMAIN, title="whisper-gpu", unique_id=own_server.server_id, data=own_server.entry_data())
+    entry = MockConfigEntry(
+        domain=DOMAIN, title="whisper-gpu", unique_id=own_server.server_id, data=own_server.entry_data()
+    )
     await setup_entry(hass, entry)
 
     own_server.stop()
     await poll(hass)
-    own_server.token = "a-new-token"
+    own_server.token = "a-new-token"  # noqa: S105
     own_server.start()
     await poll(hass)
 
@@ -178,7 +180,9 @@ async def test_repair_issue_when_model_fails(
 ) -> None:
     """A model the offline server cannot get: a repair issue, gone when a model loads again."""
     own_server.start()
-    entry = MockConfigEntry(domain=DOMAIN, title="whisper-gpu", unique_id=own_server.server_id, data=own_server.entry_data())
+    entry = MockConfigEntry(
+        domain=DOMAIN, title="whisper-gpu", unique_id=own_server.server_id, data=own_server.entry_data()
+    )
     await setup_entry(hass, entry)
     issue_id = f"model_failed_{entry.entry_id}"
 
@@ -232,7 +236,10 @@ async def test_unexpected_answers_make_entities_unavailable(
     """An answer the integration cannot read counts as the server being away."""
     mirror(stub_server, server)
     entry = MockConfigEntry(
-        domain=DOMAIN, title="whisper-gpu", unique_id=server.server_id, data=server.entry_data(control_port=stub_server.port)
+        domain=DOMAIN,
+        title="whisper-gpu",
+        unique_id=server.server_id,
+        data=server.entry_data(control_port=stub_server.port),
     )
     await setup_entry(hass, entry)
     good = stub_server.routes[route]

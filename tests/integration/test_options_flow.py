@@ -3,12 +3,12 @@
 from typing import Any
 
 import pytest
-
-from custom_components.whisper_gpu.const import DOMAIN
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType, section
 from pytest_homeassistant_custom_component.common import MockConfigEntry
+
+from custom_components.whisper_gpu.const import DOMAIN
 
 from .common import StubControlServer, WhisperGpuServer, mirror, setup_entry
 
@@ -165,7 +165,7 @@ async def test_options_server_errors(
 
     assert result["type"] is FlowResultType.FORM
     assert result["errors"] == errors
-    reauth = [flow for flow in hass.config_entries.flow.async_progress_by_handler(DOMAIN)]
+    reauth = list(hass.config_entries.flow.async_progress_by_handler(DOMAIN))
     assert len(reauth) == (1 if answer[0] == 401 else 0)
     assert entry.options == {}
 

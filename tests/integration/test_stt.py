@@ -3,7 +3,6 @@
 import asyncio
 from collections.abc import AsyncGenerator
 
-from custom_components.whisper_gpu.const import DOMAIN
 from homeassistant.components import stt
 from homeassistant.components.assist_pipeline import (
     PipelineEvent,
@@ -15,6 +14,8 @@ from homeassistant.components.assist_pipeline.pipeline import async_create_defau
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.setup import async_setup_component
 from pytest_homeassistant_custom_component.common import MockConfigEntry
+
+from custom_components.whisper_gpu.const import DOMAIN
 
 from .common import UTTERANCE, WhisperGpuServer, audio_stream, metadata, setup_entry, words
 
@@ -66,12 +67,12 @@ async def test_stt_error_from_server_stops_upload(
     assert sent < total
 
 
-async def test_stt_server_gone(
-    hass: HomeAssistant, own_server: WhisperGpuServer, speech_pcm: bytes
-) -> None:
+async def test_stt_server_gone(hass: HomeAssistant, own_server: WhisperGpuServer, speech_pcm: bytes) -> None:
     """The Wyoming port closed: an error result, not an exception."""
     own_server.start()
-    entry = MockConfigEntry(domain=DOMAIN, title="whisper-gpu", unique_id=own_server.server_id, data=own_server.entry_data())
+    entry = MockConfigEntry(
+        domain=DOMAIN, title="whisper-gpu", unique_id=own_server.server_id, data=own_server.entry_data()
+    )
     await setup_entry(hass, entry)
     entity = stt.async_get_speech_to_text_entity(hass, ENTITY_ID)
     assert entity is not None
@@ -82,9 +83,7 @@ async def test_stt_server_gone(
     assert result == stt.SpeechResult(None, stt.SpeechResultState.ERROR)
 
 
-async def test_assist_pipeline(
-    hass: HomeAssistant, config_entry: MockConfigEntry, speech_pcm: bytes
-) -> None:
+async def test_assist_pipeline(hass: HomeAssistant, config_entry: MockConfigEntry, speech_pcm: bytes) -> None:
     """An Assist pipeline with this engine hears the command and hands it to the agent."""
     assert await async_setup_component(hass, "homeassistant", {})
     assert await async_setup_component(hass, "conversation", {})
