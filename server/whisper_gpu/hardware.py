@@ -25,12 +25,23 @@ class DeviceMemory:
 def usable_cpu_count() -> int:
     """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a Kubernetes limit)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    quota = _read(_CGROUP / "cpu.max")
-    if quota:
-        limit, _, period = quota.partition(" ")
-        if limit != "max" and period:
-            cores = min(cores, max(1, -(-int(limit) // int(period))))
+    limit, period = _cpu_quota()
+    if limit > 0 and period > 0:
+        cores = min(cores, max(1, -(-limit // period)))
     return max(1, cores)
+
+
+def _cpu_quota() -> tuple[int, int]:
+    """The cgroup CPU quota and period in microseconds (v2, else v1); (0, 0) when unlimited."""
+    v2 = _read(_CGROUP / "cpu.max")
+    if v2:
+        limit, _, period = v2.partition(" ")
+        return (int(limit), int(period)) if limit.isdigit() and period.isdigit() else (0, 0)
+    limit_v1 = _read(_CGROUP / "cpu" / "cpu.cfs_quota_us") or ""
+    period_v1 = _read(_CGROUP / "cpu" / "cpu.cfs_period_us") or ""
+    if limit_v1.isdigit() and period_v1.isdigit():
+        return int(limit_v1), int(period_v1)
+    return 0, 0
 
 
 def cpu_name() -> str:
