@@ -1,5 +1,6 @@
 """Helpers of the integration tests: server processes, stub servers, audio, setup."""
 
+import asyncio
 import contextlib
 import json
 import os
@@ -24,6 +25,11 @@ from homeassistant.const import CONF_HOST, CONF_TOKEN
 from homeassistant.core import HomeAssistant
 from homeassistant.util import dt as dt_util
 from pytest_homeassistant_custom_component.common import MockConfigEntry, async_fire_time_changed
+from wyoming.asr import Transcript, TranscriptStart
+from wyoming.audio import AudioStop
+from wyoming.event import Event, async_read_event, async_write_event
+from wyoming.info import AsrModel, AsrProgram, Attribution, Describe, Info
+from wyoming.ping import Ping
 
 from custom_components.whisper_gpu.const import CONF_CONTROL_PORT, CONF_WYOMING_PORT, SCAN_INTERVAL
 
@@ -252,3 +258,72 @@ def metadata(language: str = "en") -> stt.SpeechMetadata:
 def words(text: str | None) -> str:
     """Return text in lower case without punctuation."""
     return " ".join(re.sub(r"[^a-z0-9 ]", " ", (text or "").lower()).split())
+
+
+@dataclass
+class StubWyomingServer:
+    """A Wyoming server on loopback that records what the integration writes.
+
+    `mode` picks its behaviour: "normal" answers describe with an asr program
+    and audio-stop with a transcript (after a transcript-start); "no_asr",
+    "ping_first" and "close_on_describe" vary the describe answer;
+    "close_on_stop" hangs up instead of answering.
+    """
+
+    mode: str = "normal"
+    events: list[Event] = field(default_factory=list)
+    port: int = 0
+    server: asyncio.Server | None = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while (event := await async_read_event(reader)) is not None:
+                self.events.append(event)
+                if Describe.is_type(event.type):
+                    if self.mode == "close_on_describe":
+                        return
+                    if self.mode == "ping_first":
+                        await async_write_event(Ping(text="hello").event(), writer)
+                    asr = [] if self.mode == "no_asr" else [STUB_ASR]
+                    await async_write_event(Info(asr=asr).event(), writer)
+                elif AudioStop.is_type(event.type):
+                    if self.mode == "close_on_stop":
+                        return
+                    await async_write_event(TranscriptStart(language="en").event(), writer)
+                    await async_write_event(Transcript(text="stub transcript").event(), writer)
+        finally:
+            writer.close()
+
+    async def start(self) -> None:
+        """Listen on a free loopback port."""
+        self.port = free_port()
+        self.server = await asyncio.start_server(self._handle, HOST, self.port)
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+
+
+STUB_ASR = AsrProgram(
+    name="stub",
+    attribution=Attribution(name="tests", url="http://127.0.0.1/"),
+    installed=True,
+    description="A test double",
+    version="0",
+    models=[
+        AsrModel(
+            name="tiny.en",
+            attribution=Attribution(name="tests", url="http://127.0.0.1/"),
+            installed=True,
+            description=None,
+            version=None,
+            languages=["en"],
+        )
+    ],
+    requires_external_vad=True,
+    prefers_auto_gain_enabled=False,
+    prefers_noise_reduction_enabled=False,
+)

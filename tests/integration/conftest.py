@@ -19,7 +19,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.whisper_gpu.const import DOMAIN
 
-from .common import HOST, UTTERANCE, StubControlServer, WhisperGpuServer, free_port
+from .common import HOST, UTTERANCE, StubControlServer, StubWyomingServer, WhisperGpuServer, free_port
 
 
 @pytest.fixture(autouse=True)
@@ -112,6 +112,15 @@ def speech_pcm(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 async def stub_server() -> AsyncIterator[StubControlServer]:
     """A stub HTTP server; answers 404 to everything until routes are set."""
     stub = StubControlServer()
+    await stub.start()
+    yield stub
+    await stub.stop()
+
+
+@pytest.fixture
+async def stub_wyoming() -> AsyncIterator[StubWyomingServer]:
+    """A stub Wyoming server that records the events it gets."""
+    stub = StubWyomingServer()
     await stub.start()
     yield stub
     await stub.stop()
