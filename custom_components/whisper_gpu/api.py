@@ -127,13 +127,12 @@ class ServerStatus:
     def from_json(cls, data: Any) -> ServerStatus:
         """Parse the answer; raise WhisperGpuResponseError if it is not one."""
         try:
-            model = data["model"] or {}
             error = data.get("error") or {}
             last_request = data.get("last_request") or {}
             return cls(
                 state=_str(data["state"]),
-                model=model.get("name"),
-                target=data.get("target"),
+                model=_model_name(data["model"]),
+                target=_model_name(data.get("target")),
                 error_code=error.get("code"),
                 error_message=error.get("message"),
                 last_request_ms=last_request.get("duration_ms"),
@@ -141,6 +140,11 @@ class ServerStatus:
             )
         except (AttributeError, KeyError, TypeError, ValueError) as err:
             raise WhisperGpuResponseError(f"Not the status of a whisper-gpu server: {err!r}") from err
+
+
+def _model_name(value: Any) -> str | None:
+    """Return the name of a model in the status: {"name": ...}, or null."""
+    return _str(value["name"]) if value is not None else None
 
 
 def _str(value: Any) -> str:
