@@ -517,6 +517,8 @@ class Service:
         for name in names:
             known = KNOWN_MODELS.get(name)
             memory_mb = approximate_memory_mb(name, compute_type, self.cache.cached_path(name))
+            packaged = bool(known and known.offline and known.offline.installed())
+            obtainable = name in cached or packaged or not self.boot["offline"]
             models.append(
                 {
                     "name": name,
@@ -524,8 +526,8 @@ class Service:
                     "cached": name in cached,
                     "loaded": engine is not None and engine.name == name,
                     "memory_mb": memory_mb,
-                    "usable": memory_mb <= budget,
-                    "offline_package": bool(known and known.offline and known.offline.installed()),
+                    "usable": memory_mb <= budget and obtainable,
+                    "offline_package": packaged,
                 }
             )
         if engine is not None and engine.name not in names:

@@ -132,6 +132,9 @@ async def test_info_describes_device_models_and_settings(
     assert models["tiny.en"]["english_only"]
     assert not models["base"]["english_only"]
     assert {"large-v3", "large-v3-turbo", "distil-large-v3"} <= set(models)
+    # Offline, only what is cached or packaged can be had.
+    assert models["base"]["usable"]
+    assert not models["small"]["usable"]
     assert info["languages"] == ["auto", "en"]
     schema = info["settings"]
     assert schema["beam_size"] == {
