@@ -328,6 +328,8 @@ class Service:
             return None
         engine = self.models.engine
         languages = engine.languages if engine else WHISPER_LANGUAGES
+        # Clients often send a locale ("en-US", "pt_BR"); Whisper knows the language part.
+        chosen = chosen if chosen in languages else chosen.replace("_", "-").partition("-")[0]
         if chosen not in languages:
             model = engine.name if engine else self.settings["model"]
             raise RequestError(

@@ -64,17 +64,19 @@ def require_tools() -> None:
         raise RuntimeError(msg)
 
 
-def synthesize(text: str, directory: Path, *, rate: int = 16_000, channels: int = 1, width: int = 2) -> Path:
+def synthesize(
+    text: str, directory: Path, *, rate: int = 16_000, channels: int = 1, width: int = 2, voice: str = VOICE
+) -> Path:
     """Speak text into a WAV of the given format (cached by content)."""
     require_tools()
-    key = hashlib.sha256(f"{VOICE}|{WORDS_PER_MINUTE}|{text}|{rate}|{channels}|{width}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{voice}|{WORDS_PER_MINUTE}|{text}|{rate}|{channels}|{width}".encode()).hexdigest()[:16]
     target = directory / f"{key}.wav"
     if target.is_file():
         return target
     directory.mkdir(parents=True, exist_ok=True)
     raw = directory / f"{key}.raw.wav"
     subprocess.run(
-        ["espeak-ng", "-v", VOICE, "-s", str(WORDS_PER_MINUTE), "-w", str(raw), text], check=True, capture_output=True
+        ["espeak-ng", "-v", voice, "-s", str(WORDS_PER_MINUTE), "-w", str(raw), text], check=True, capture_output=True
     )
     subprocess.run(
         ["sox", str(raw), "-r", str(rate), "-c", str(channels), "-b", str(width * 8), str(target)],
