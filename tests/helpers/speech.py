@@ -87,6 +87,31 @@ def synthesize(
     return target
 
 
+def raw_pcm(path: Path, *, rate: int, channels: int, width: int) -> bytes:
+    """A WAV's samples as raw little-endian PCM (sox reads WAV_FORMAT_EXTENSIBLE, which old `wave` cannot)."""
+    encoding = "unsigned-integer" if width == 1 else "signed-integer"
+    result = subprocess.run(
+        [
+            "sox",
+            str(path),
+            "-t",
+            "raw",
+            "-r",
+            str(rate),
+            "-c",
+            str(channels),
+            "-b",
+            str(width * 8),
+            "-e",
+            encoding,
+            "-",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return result.stdout
+
+
 def command_set(directory: Path) -> list[Utterance]:
     """Every command as 16 kHz mono 16-bit speech."""
     return [Utterance(text, synthesize(text, directory), clear) for text, clear in COMMANDS]

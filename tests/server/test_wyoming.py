@@ -10,9 +10,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import jiwer
 import pytest
 from helpers.server import ServerProcess, transcribe
-from helpers.speech import Utterance, synthesize
+from helpers.speech import Utterance, raw_pcm, synthesize
 from whisper_normalizer.english import EnglishTextNormalizer
 from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
@@ -22,6 +23,8 @@ from wyoming.event import Event
 from wyoming.info import Describe, Info
 
 normalize = EnglishTextNormalizer()
+# tiny.en on synthetic speech: the base model's accuracy is tested in test_accuracy.py.
+MAX_TINY_WORD_ERROR_RATE = 0.25
 
 
 def heard(event: Event) -> str:
@@ -94,8 +97,7 @@ async def test_converts_any_pcm_format(
 ) -> None:
     text = "turn on the kitchen light"
     path = synthesize(text, speech_dir, rate=rate, channels=channels, width=width)
-    audio, file_rate, file_width, file_channels = Utterance(text, path, clear=True).pcm()
-    assert (file_rate, file_width, file_channels) == (rate, width, channels)
+    audio = raw_pcm(path, rate=rate, channels=channels, width=width)
     event = await transcribe(whisper_server.wyoming_port, audio, rate, width, channels)
     assert heard(event) == normalize(text)
 
@@ -127,7 +129,7 @@ async def test_eight_concurrent_clients_each_get_their_own_transcript(
     together = await asyncio.gather(*(one(utterance) for utterance in chosen))
     assert together == alone
     assert len(set(together)) == 8
-    assert sum(heard == normalize(utterance.text) for heard, utterance in zip(together, chosen, strict=True)) >= 6
+    assert jiwer.wer([normalize(utterance.text) for utterance in chosen], together) <= MAX_TINY_WORD_ERROR_RATE
 
 
 async def test_silence_gives_an_empty_transcript(whisper_server: ServerProcess) -> None:
