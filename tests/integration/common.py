@@ -1,25 +1,18 @@
 """Helpers of the integration tests: server processes, stub servers, audio, setup."""
 
 import asyncio
-import contextlib
-import json
-import os
 import re
-import socket
-import subprocess
-import sys
+import signal
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import pytest
 from aiohttp import web
+from helpers.server import ServerProcess, free_port
 from homeassistant.components import stt
 from homeassistant.const import CONF_HOST, CONF_TOKEN
 from homeassistant.core import HomeAssistant
@@ -38,77 +31,35 @@ TEST_MODEL = "tiny.en"
 SECOND_MODEL = "base"
 UTTERANCE = "turn on the kitchen light"
 STARTUP_TIMEOUT = 180.0
-
-
-def free_port() -> int:
-    """Return a loopback port that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+# Beside ServerProcess's defaults (loopback, offline, no zeroconf, the model): the fast compute type.
+SERVER_ARGS = ("--compute-type", "int8")
 
 
 @dataclass
-class WhisperGpuServer:
-    """A `python -m whisper_gpu serve` subprocess on loopback."""
+class WhisperGpuServer(ServerProcess):
+    """A real server on loopback (tiny.en, int8, offline, no zeroconf) as a config entry sees it."""
 
-    data_dir: Path
+    host: ClassVar[str] = HOST
+    model: str = TEST_MODEL
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
-    wyoming_port: int = field(default_factory=free_port)
-    control_port: int = field(default_factory=free_port)
-    host: str = HOST
-    process: subprocess.Popen[bytes] | None = None
+    initial_settings: dict[str, Any] = field(default_factory=dict)
 
-    def start(self, *extra_args: str, wait: bool = True) -> None:
-        """Start the server (tiny.en, int8, offline, no zeroconf)."""
+    def start(self, *extra_args: str, wait: bool = True) -> Self:
+        """Start the server with extra command-line arguments; by default wait until it is ready."""
         assert self.process is None
-        args = [
-            sys.executable,
-            "-m",
-            "whisper_gpu",
-            "serve",
-            "--host",
-            self.host,
-            "--wyoming-port",
-            str(self.wyoming_port),
-            "--control-port",
-            str(self.control_port),
-            "--data-dir",
-            str(self.data_dir),
-            "--model",
-            TEST_MODEL,
-            "--offline",
-            "--zeroconf",
-            "off",
-            "--compute-type",
-            "int8",
-            "--control-token",
-            self.token,
-            *extra_args,
-        ]
-        env = {
-            name: os.environ[name]
-            for name in ("PATH", "PYTHONPATH", "HOME", "LANG", "VIRTUAL_ENV")
-            if name in os.environ
-        }
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with (self.data_dir / "server.log").open("ab") as log:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
-        if wait:
-            self.wait_ready()
+        self.args = [*SERVER_ARGS, *extra_args]
+        super().start(wait=wait)
+        return self
 
-    def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> None:
-        """Wait until GET /readyz answers 200."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                pytest.fail(f"whisper-gpu exited with {self.process.returncode}:\n{self.log()}")
-            with contextlib.suppress(OSError):
-                status, _ = self.request("GET", "/readyz")
-                if status == 200:
-                    return
-            time.sleep(0.1)
-        pytest.fail(f"whisper-gpu was not ready in {timeout} s:\n{self.log()}")
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Stop the server; it may be started again afterwards."""
+        code = super().stop(sig, timeout)
+        self.process = None
+        return code
+
+    def request(self, method: str, path: str, body: object = None, *, token: str | None = None) -> tuple[int, Any]:
+        """Send a request to the control API with this server's token unless another is given."""
+        return super().request(method, path, body, token=token or self.token)
 
     def wait_state(self, state: str, timeout: float = STARTUP_TIMEOUT) -> dict[str, Any]:
         """Wait until GET /api/v1/status has the given state and no reload runs."""
@@ -120,41 +71,6 @@ class WhisperGpuServer:
                 return status
             time.sleep(0.1)
         pytest.fail(f"state {state!r} not reached: {status}")
-
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL)."""
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
-
-    def log(self) -> str:
-        """Return the end of the server's log."""
-        path = self.data_dir / "server.log"
-        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
-
-    def request(
-        self, method: str, path: str, body: dict[str, Any] | None = None, *, token: str | None = None
-    ) -> tuple[int, Any]:
-        """Send a request to the control API (blocking; for setup and checks)."""
-        request = urllib.request.Request(
-            f"http://{self.host}:{self.control_port}{path}",
-            method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Authorization": f"Bearer {token or self.token}", "Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
-                raw = response.read()
-                return response.status, json.loads(raw) if raw else None
-        except urllib.error.HTTPError as err:
-            raw = err.read()
-            return err.code, json.loads(raw) if raw else None
 
     def settings(self) -> dict[str, Any]:
         """Return the server's runtime settings."""

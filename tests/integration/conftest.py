@@ -6,15 +6,12 @@ tiny.en model. Tests that stop, restart or break a server start their own.
 """
 
 import contextlib
-import shutil
-import subprocess
-import wave
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_socket
+from helpers.speech import Utterance, require_tools, synthesize
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.whisper_gpu.const import DOMAIN
@@ -49,7 +46,7 @@ def session_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Whisper
     with _sockets_allowed():
         server = WhisperGpuServer(tmp_path_factory.mktemp("whisper-gpu"))
         server.start()
-        server.initial_settings = server.settings()  # type: ignore[attr-defined]
+        server.initial_settings = server.settings()
     yield server
     server.stop()
 
@@ -59,7 +56,7 @@ def server(session_server: WhisperGpuServer) -> Iterator[WhisperGpuServer]:
     """The session's server; what a test changed on it is put back afterwards."""
     yield session_server
     session_server.wait_state("ready")
-    initial: dict[str, Any] = session_server.initial_settings  # type: ignore[attr-defined]
+    initial = session_server.initial_settings
     changed = {name: value for name, value in initial.items() if session_server.settings().get(name) != value}
     if changed:
         status, body = session_server.request("PATCH", "/api/v1/settings", changed)
@@ -93,19 +90,15 @@ def closed_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def speech_pcm(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+def speech_pcm(speech_dir: Path) -> bytes:
     """16 kHz 16-bit mono PCM of UTTERANCE, spoken by espeak-ng."""
-    espeak = shutil.which("espeak-ng")
-    sox = shutil.which("sox")
-    if espeak is None or sox is None:
-        pytest.skip("espeak-ng and sox are needed to generate speech")
-    folder = tmp_path_factory.mktemp("speech")
-    raw, final = folder / "raw.wav", folder / "final.wav"
-    subprocess.run([espeak, "-v", "en-us", "-s", "150", "-w", str(raw), UTTERANCE], check=True)
-    subprocess.run([sox, str(raw), "-r", "16000", "-c", "1", "-b", "16", str(final)], check=True)
-    with wave.open(str(final), "rb") as wav:
-        assert (wav.getframerate(), wav.getsampwidth(), wav.getnchannels()) == (16000, 2, 1)
-        return wav.readframes(wav.getnframes())
+    try:
+        require_tools()
+    except RuntimeError as err:
+        pytest.skip(str(err))
+    pcm, rate, width, channels = Utterance(UTTERANCE, synthesize(UTTERANCE, speech_dir), clear=True).pcm()
+    assert (rate, width, channels) == (16000, 2, 1)
+    return pcm
 
 
 @pytest.fixture
