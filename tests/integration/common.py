@@ -24,7 +24,7 @@ from wyoming.event import Event, async_read_event, async_write_event
 from wyoming.info import AsrModel, AsrProgram, Attribution, Describe, Info
 from wyoming.ping import Ping
 
-from custom_components.whisper_gpu.const import CONF_CONTROL_PORT, CONF_WYOMING_PORT, SCAN_INTERVAL
+from custom_components.whisper_gpu.const import CONF_CONTROL_PORT, CONF_WYOMING_PORT, DOMAIN, SCAN_INTERVAL
 
 HOST = "127.0.0.1"
 TEST_MODEL = "tiny.en"
@@ -157,6 +157,16 @@ def mirror(stub: StubControlServer, server: WhisperGpuServer) -> None:
     for path in ("/api/v1/info", "/api/v1/settings", "/api/v1/status"):
         stub.routes["GET", path] = server.request("GET", path)
     stub.routes["GET", "/api/v1/auth"] = (204, None)
+
+
+def stub_entry(stub: StubControlServer, server: WhisperGpuServer) -> MockConfigEntry:
+    """A config entry for the real server whose control port is the stub's."""
+    return MockConfigEntry(
+        domain=DOMAIN,
+        title="whisper-gpu",
+        unique_id=server.server_id,
+        data=server.entry_data(control_port=stub.port),
+    )
 
 
 def metadata(language: str = "en") -> stt.SpeechMetadata:

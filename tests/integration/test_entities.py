@@ -23,6 +23,7 @@ from .common import (
     mirror,
     poll,
     setup_entry,
+    stub_entry,
 )
 
 STT_ENTITY_ID = "stt.whisper_gpu_speech_to_text"
@@ -82,12 +83,7 @@ async def test_select_errors(
     """A refused switch raises a translated error and changes nothing."""
     mirror(stub_server, server)
     stub_server.routes["PATCH", "/api/v1/settings"] = answer
-    entry = MockConfigEntry(
-        domain=DOMAIN,
-        title="whisper-gpu",
-        unique_id=server.server_id,
-        data=server.entry_data(control_port=stub_server.port),
-    )
+    entry = stub_entry(stub_server, server)
     await setup_entry(hass, entry)
 
     with pytest.raises(HomeAssistantError) as err:
@@ -108,12 +104,7 @@ async def test_select_keeps_a_model_outside_the_list(
     status, body = stub_server.routes["GET", "/api/v1/settings"]
     body["settings"]["model"] = "/models/my-finetune"
     stub_server.routes["GET", "/api/v1/settings"] = (status, body)
-    entry = MockConfigEntry(
-        domain=DOMAIN,
-        title="whisper-gpu",
-        unique_id=server.server_id,
-        data=server.entry_data(control_port=stub_server.port),
-    )
+    entry = stub_entry(stub_server, server)
     await setup_entry(hass, entry)
 
     state = hass.states.get(SELECT_ENTITY_ID)
@@ -149,12 +140,7 @@ async def test_unknown_model_state(
     mirror(stub_server, server)
     status, body = stub_server.routes["GET", "/api/v1/status"]
     stub_server.routes["GET", "/api/v1/status"] = (status, {**body, "state": "warming_up", "last_request": None})
-    entry = MockConfigEntry(
-        domain=DOMAIN,
-        title="whisper-gpu",
-        unique_id=server.server_id,
-        data=server.entry_data(control_port=stub_server.port),
-    )
+    entry = stub_entry(stub_server, server)
     await setup_entry(hass, entry)
 
     assert hass.states.get("sensor.whisper_gpu_model_state").state == "unknown"

@@ -13,7 +13,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.whisper_gpu.const import DOMAIN
 
-from .common import StubControlServer, WhisperGpuServer, mirror, poll, setup_entry
+from .common import StubControlServer, WhisperGpuServer, mirror, poll, setup_entry, stub_entry
 
 ENTITIES = (
     "stt.whisper_gpu_speech_to_text",
@@ -235,12 +235,7 @@ async def test_unexpected_answers_make_entities_unavailable(
 ) -> None:
     """An answer the integration cannot read counts as the server being away."""
     mirror(stub_server, server)
-    entry = MockConfigEntry(
-        domain=DOMAIN,
-        title="whisper-gpu",
-        unique_id=server.server_id,
-        data=server.entry_data(control_port=stub_server.port),
-    )
+    entry = stub_entry(stub_server, server)
     await setup_entry(hass, entry)
     good = stub_server.routes[route]
 
