@@ -16,7 +16,7 @@ import ctranslate2
 import numpy as np
 from faster_whisper import WhisperModel
 from faster_whisper.tokenizer import _LANGUAGE_CODES
-from faster_whisper.vad import VadOptions, get_speech_timestamps
+from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -59,6 +59,21 @@ class TranscriptResult:
     language: str
     audio_seconds: float
     speech_seconds: float
+
+
+def _speech_only(audio: np.ndarray, options: DecodeOptions) -> np.ndarray:
+    """The speech in the audio, joined, as Silero VAD with the request's settings finds it."""
+    vad_options = VadOptions(
+        threshold=options.vad_threshold,
+        min_speech_duration_ms=options.min_speech_duration_ms,
+        max_speech_duration_s=options.max_speech_duration_s,
+        speech_pad_ms=options.speech_pad_ms,
+    )
+    chunks = get_speech_timestamps(audio, vad_options)
+    if not chunks:
+        return audio[:0]
+    pieces, _ = collect_chunks(audio, chunks)
+    return np.concatenate(pieces)
 
 
 def resolve_device(setting: str) -> Device:
@@ -135,31 +150,27 @@ class WhisperEngine:
         return [self.transcribe(audio, options) for audio, options in batch]
 
     def transcribe(self, audio: np.ndarray, options: DecodeOptions, *, vad: bool = True) -> TranscriptResult:
-        """Transcribe 16 kHz mono float32 audio; silence gives empty text."""
+        """Transcribe 16 kHz mono float32 audio; silence gives empty text without running the model."""
         model = self._require_model()
         audio_seconds = len(audio) / SAMPLE_RATE
         language = options.language if self.multilingual else "en"
+        speech = _speech_only(audio, options) if vad else audio
+        if not len(speech):
+            # Nothing spoken: neither language detection nor decoding has anything to work on.
+            return TranscriptResult(text="", language=language or "en", audio_seconds=audio_seconds, speech_seconds=0)
         segments, info = model.transcribe(
-            audio,
+            speech,
             language=language,
             beam_size=options.beam_size,
-            vad_filter=vad,
-            vad_parameters=VadOptions(
-                threshold=options.vad_threshold,
-                min_speech_duration_ms=options.min_speech_duration_ms,
-                max_speech_duration_s=options.max_speech_duration_s,
-                speech_pad_ms=options.speech_pad_ms,
-            ),
             condition_on_previous_text=False,
             without_timestamps=True,
         )
         text = " ".join(segment.text.strip() for segment in segments).strip()
-        speech_seconds = info.duration_after_vad if vad else audio_seconds
         return TranscriptResult(
             text=text,
             language=info.language or language or "en",
             audio_seconds=audio_seconds,
-            speech_seconds=speech_seconds,
+            speech_seconds=len(speech) / SAMPLE_RATE,
         )
 
     def close(self) -> None:

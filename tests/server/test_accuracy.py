@@ -66,3 +66,8 @@ async def test_the_language_of_each_request_is_honoured(base_server: ServerProce
     )
     assert forced.language == "en"
     assert forced.text != detected.text  # decoded as English, as this request asked
+
+
+async def test_silence_with_language_detection_is_empty(base_server: ServerProcess) -> None:
+    event = await transcribe(base_server.wyoming_port, bytes(3 * 16_000 * 2))
+    assert Transcript.from_event(event).text == ""
