@@ -127,14 +127,7 @@ def _transcribe(args: argparse.Namespace, settings: ResolvedSettings) -> int:
         cpu_threads=settings["cpu_threads"] or usable_cpu_count(),
     )
     language = None if settings["language"] == "auto" else settings["language"]
-    options = DecodeOptions(
-        language=language,
-        beam_size=settings["beam_size"],
-        vad_threshold=settings["vad_threshold"],
-        min_speech_duration_ms=settings["min_speech_duration_ms"],
-        max_speech_duration_s=settings["max_speech_duration_s"],
-        speech_pad_ms=settings["speech_pad_ms"],
-    )
+    options = DecodeOptions.from_settings(settings.values, language)
     failed = 0
     for file in args.files:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import soxr
@@ -26,6 +27,11 @@ class PcmFormat:
     rate: int
     width: int
     channels: int
+
+    @classmethod
+    def from_event_data(cls, data: dict[str, Any]) -> PcmFormat:
+        """The format an `audio-start` or `audio-chunk` event declares (unchecked: see `validate`)."""
+        return cls(data.get("rate"), data.get("width"), data.get("channels"))  # type: ignore[arg-type]
 
     def validate(self) -> None:
         """Raise AudioFormatError naming what is wrong."""

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ctranslate2
 import numpy as np
@@ -49,6 +50,18 @@ class DecodeOptions:
     min_speech_duration_ms: int
     max_speech_duration_s: float
     speech_pad_ms: int
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], language: str | None) -> DecodeOptions:
+        """Beam size and VAD values from the settings, with the language decided for this request."""
+        return cls(
+            language=language,
+            beam_size=settings["beam_size"],
+            vad_threshold=settings["vad_threshold"],
+            min_speech_duration_ms=settings["min_speech_duration_ms"],
+            max_speech_duration_s=settings["max_speech_duration_s"],
+            speech_pad_ms=settings["speech_pad_ms"],
+        )
 
 
 @dataclass(frozen=True)

@@ -342,14 +342,7 @@ class Service:
         """Transcribe 16 kHz mono audio with the current settings; returns the result and the model's name."""
         decode_language = self.check_language(language)
         engine = await self.models.acquire()
-        options = DecodeOptions(
-            language=decode_language,
-            beam_size=self.settings["beam_size"],
-            vad_threshold=self.settings["vad_threshold"],
-            min_speech_duration_ms=self.settings["min_speech_duration_ms"],
-            max_speech_duration_s=self.settings["max_speech_duration_s"],
-            speech_pad_ms=self.settings["speech_pad_ms"],
-        )
+        options = DecodeOptions.from_settings(self.settings.values, decode_language)
         return await self.queue.transcribe(engine, audio, options), engine.name
 
     def describe_model(self) -> tuple[str, list[str]]:

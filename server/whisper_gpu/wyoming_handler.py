@@ -183,7 +183,7 @@ class WyomingHandler:
             return
         self.busy = True
         try:
-            pcm = PcmFormat(event.data.get("rate"), event.data.get("width"), event.data.get("channels"))  # type: ignore[arg-type]
+            pcm = PcmFormat.from_event_data(event.data)
             self._request.audio = AudioBuffer(pcm, self._service.max_audio_seconds())
         except AudioFormatError as err:
             await self._reject("invalid", "invalid_audio_format", f"audio-start: {err}")
@@ -196,7 +196,7 @@ class WyomingHandler:
             return
         if request.rejected or request.answered or request.audio is None:
             return
-        chunk_format = PcmFormat(event.data.get("rate"), event.data.get("width"), event.data.get("channels"))  # type: ignore[arg-type]
+        chunk_format = PcmFormat.from_event_data(event.data)
         if chunk_format != request.audio.format:
             await self._reject(
                 "invalid", "invalid_audio_format", f"audio-chunk format {chunk_format} differs from audio-start"
