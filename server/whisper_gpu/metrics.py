@@ -19,7 +19,7 @@ _LOGGER = logging.getLogger(__name__)
 # `*_created` series only add noise to dashboards; this is the client library's documented switch.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-OUTCOMES = ("ok", "no_speech", "truncated", "invalid", "error", "disconnected", "not_ready")
+OUTCOMES = ("ok", "no_speech", "truncated", "invalid", "error", "disconnected", "not_ready", "busy")
 
 
 class GpuCollector(Collector):
@@ -96,6 +96,11 @@ class Metrics:
         self.in_flight = Gauge("whisper_gpu_requests_in_flight", "Requests being transcribed", registry=registry)
         self.queued = Gauge("whisper_gpu_requests_queued", "Requests waiting for the model", registry=registry)
         self.connections = Gauge("whisper_gpu_connections", "Open Wyoming connections", registry=registry)
+        self.connections_refused = Counter(
+            "whisper_gpu_connections_refused",
+            "Wyoming connections refused with server_busy at MAX_CONNECTIONS",
+            registry=registry,
+        )
         self.protocol_errors = Counter(
             "whisper_gpu_protocol_errors", "Bad input from Wyoming clients by error code", ["code"], registry=registry
         )

@@ -9,24 +9,30 @@ import signal
 import time
 
 from aiohttp import web
+from wyoming.error import Error
+from wyoming.event import async_write_event
 
 from .control import create_app
 from .discovery import Announcer
 from .engine import UnsupportedOnDeviceError
 from .service import Service
 from .settings import ResolvedSettings
-from .wyoming_handler import MAX_HEADER_BYTES, WyomingHandler
+from .wyoming_handler import MAX_HEADER_BYTES, ConnectionLimits, WyomingHandler
 
 _LOGGER = logging.getLogger(__name__)
 
 
 class WyomingServer:
-    """The Wyoming TCP listener and its connections."""
+    """The Wyoming TCP listener and its connections, at most `max_connections` at once."""
 
     def __init__(self, service: Service) -> None:
         self._service = service
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[None], WyomingHandler] = {}
+        self._max_connections: int = service.boot["max_connections"]
+        self._limits = ConnectionLimits(
+            idle_timeout_s=service.boot["idle_timeout_s"], read_timeout_s=service.boot["read_timeout_s"]
+        )
 
     async def start(self, host: str, port: int) -> None:
         """Listen."""
@@ -38,7 +44,10 @@ class WyomingServer:
         return sum(handler.busy for handler in self._connections.values())
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handler = WyomingHandler(self._service, reader, writer)
+        if len(self._connections) >= self._max_connections:
+            await self._refuse(writer)
+            return
+        handler = WyomingHandler(self._service, reader, writer, self._limits)
         task = asyncio.current_task()
         assert task is not None  # noqa: S101 - asyncio runs callbacks in tasks
         self._connections[task] = handler
@@ -48,6 +57,16 @@ class WyomingServer:
         finally:
             self._service.metrics.connections.dec()
             self._connections.pop(task, None)
+
+    async def _refuse(self, writer: asyncio.StreamWriter) -> None:
+        """One connection too many: say so in an event the client can read, then close."""
+        self._service.metrics.connections_refused.inc()
+        _LOGGER.warning("Refusing a Wyoming connection: %d are open, the limit", self._max_connections)
+        message = f"The server is busy: {self._max_connections} connections are open, the limit; try again later"
+        with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
+            async with asyncio.timeout(self._limits.idle_timeout_s):
+                await async_write_event(Error(text=message, code="server_busy").event(), writer)
+        writer.close()
 
     async def shutdown(self, grace_s: float) -> None:
         """Stop accepting, let requests in flight finish within the grace period, then close the rest."""

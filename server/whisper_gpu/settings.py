@@ -368,6 +368,32 @@ SETTINGS: Mapping[str, SettingSpec] = _spec_table(
         description="Announce _whisper-gpu._tcp (whisper-gpu), also _wyoming._tcp (wyoming), or nothing (off)",
     ),
     SettingSpec(
+        name="max_connections",
+        kind=int,
+        default=64,
+        minimum=1,
+        maximum=10_000,
+        description="Wyoming connections served at once; one more is answered server_busy and closed",
+    ),
+    SettingSpec(
+        name="idle_timeout_s",
+        kind=float,
+        default=30.0,
+        minimum=1.0,
+        maximum=3600.0,
+        description="A Wyoming client that sends nothing for this long while it owes the next event (or takes "
+        "no event the server sends) gets idle_timeout and is disconnected; waiting for a transcript never counts",
+    ),
+    SettingSpec(
+        name="read_timeout_s",
+        kind=float,
+        default=10.0,
+        minimum=1.0,
+        maximum=600.0,
+        description="An event whose header has arrived must be complete (data and payload) within this long, "
+        "else read_timeout and the connection closes",
+    ),
+    SettingSpec(
         name="shutdown_grace_s",
         kind=float,
         default=10.0,

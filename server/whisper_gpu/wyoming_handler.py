@@ -31,6 +31,7 @@ _LOGGER = logging.getLogger(__name__)
 MAX_HEADER_BYTES = 64 * 1024
 MAX_DATA_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+_LEFT_WAITING = "the client left while its request waited for the model"
 ATTRIBUTION = Attribution(name="OpenAI Whisper on faster-whisper", url="https://github.com/SYSTRAN/faster-whisper")
 
 
@@ -68,18 +69,24 @@ class TranscriptionService(Protocol):
         """Count bad input."""
 
 
-async def read_event(reader: asyncio.StreamReader) -> Event | None:
+async def read_event(reader: asyncio.StreamReader, read_timeout_s: float | None = None) -> Event | None:
     """Read one event; None at a clean or mid-event end of stream; ProtocolError for malformed input."""
+    line = await read_header_line(reader)
+    return await read_event_body(reader, line, read_timeout_s) if line is not None else None
+
+
+async def read_header_line(reader: asyncio.StreamReader) -> bytes | None:
+    """The next header line; None at the end of the stream (cancelling loses nothing: bytes stay buffered)."""
     try:
         line = await reader.readline()
     except ValueError as err:  # the stream's limit: a header line longer than MAX_HEADER_BYTES
         raise ProtocolError("header_too_large", f"event header longer than {MAX_HEADER_BYTES} bytes") from err
-    if not line.endswith(b"\n"):
-        return None
-    try:
-        header = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ProtocolError("malformed_event", f"event header is not JSON: {err}") from err
+    return line if line.endswith(b"\n") else None
+
+
+async def read_event_body(reader: asyncio.StreamReader, line: bytes, read_timeout_s: float | None) -> Event | None:
+    """Parse a header line and read the data and payload it announces, which must come within the read timeout."""
+    header = _parse_json(line, "event header")
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
         raise ProtocolError("malformed_event", "event header must be a JSON object with a string 'type'")
     data = header.get("data") or {}
@@ -88,17 +95,30 @@ async def read_event(reader: asyncio.StreamReader) -> Event | None:
     data_length = _length(header, "data_length", MAX_DATA_BYTES)
     payload_length = _length(header, "payload_length", MAX_PAYLOAD_BYTES)
     try:
-        if data_length:
-            extra = json.loads(await reader.readexactly(data_length))
-            if not isinstance(extra, dict):
-                raise ProtocolError("malformed_event", "event data must be a JSON object")
-            data.update(extra)
-        payload = await reader.readexactly(payload_length) if payload_length else None
+        async with asyncio.timeout(read_timeout_s):
+            extra = await reader.readexactly(data_length) if data_length else None
+            payload = await reader.readexactly(payload_length) if payload_length else None
     except asyncio.IncompleteReadError:
         return None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ProtocolError("malformed_event", f"event data is not JSON: {err}") from err
+    except TimeoutError as err:
+        raise ProtocolError(
+            "read_timeout", f"the event's data and payload did not arrive within {read_timeout_s:g} s"
+        ) from err
+    if extra is not None:
+        extra_data = _parse_json(extra, "event data")
+        if not isinstance(extra_data, dict):
+            raise ProtocolError("malformed_event", "event data must be a JSON object")
+        data.update(extra_data)
     return Event(type=header["type"], data=data, payload=payload)
+
+
+def _parse_json(raw: bytes, what: str) -> Any:
+    """JSON, or ProtocolError: also for nesting too deep for the parser and integers with too many digits."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        message = "nested too deeply" if isinstance(err, RecursionError) else str(err)[:200]
+        raise ProtocolError("malformed_event", f"{what} is not acceptable JSON: {message}") from err
 
 
 def _length(header: dict[str, Any], key: str, limit: int) -> int:
@@ -111,44 +131,110 @@ def _length(header: dict[str, Any], key: str, limit: int) -> int:
     return value
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How long a client may keep the server waiting."""
+
+    idle_timeout_s: float
+    read_timeout_s: float
+
+
+class _ClientGoneError(Exception):
+    """The client stopped taking what the server sends."""
+
+
 @dataclass
 class _Request:
-    """One transcription: language, audio collected so far, and whether it was refused."""
+    """One transcription: language, audio collected so far, and where it stands.
+
+    `refused`: the request was refused (its language); its audio is dropped until the next request.
+    `stream_refused`: the audio stream was refused (its format); a corrected `audio-start` retries.
+    `submitted`: its audio went to the model; later audio of the same stream is dropped.
+    """
 
     language: str | None
     audio: AudioBuffer | None = None
-    rejected: bool = False
-    answered: bool = False
+    refused: bool = False
+    stream_refused: bool = False
+    submitted: bool = False
+
+    @property
+    def collecting(self) -> bool:
+        """Audio is arriving for it."""
+        return self.audio is not None and not (self.refused or self.stream_refused or self.submitted)
 
 
 class WyomingHandler:
-    """Serves one Wyoming connection: describe, and transcribe with streamed audio."""
+    """Serves one Wyoming connection: describe, and transcribe with streamed audio.
+
+    The connection is read all the time, also while a request waits for the model: a client that leaves is
+    noticed at once and its queued work is dropped, and `describe` or `ping` are answered meanwhile.
+    """
 
     def __init__(
-        self, service: TranscriptionService, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        service: TranscriptionService,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        limits: ConnectionLimits,
     ) -> None:
         self._service = service
         self._reader = reader
         self._writer = writer
+        self._limits = limits
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "client")
         self._request: _Request | None = None
-        self.busy = False
+        self._answer: asyncio.Task[None] | None = None
+        self._idle: asyncio.Timeout | None = None
+        self._write_lock = asyncio.Lock()
+
+    @property
+    def busy(self) -> bool:
+        """A request is between audio-start and its answer."""
+        return (self._request is not None and self._request.collecting) or self._answering
+
+    @property
+    def _answering(self) -> bool:
+        return self._answer is not None and not self._answer.done()
 
     async def run(self) -> None:
-        """Handle events until the client leaves or breaks the framing."""
+        """Handle events until the client leaves, breaks the framing or times out."""
         try:
-            while (event := await read_event(self._reader)) is not None:
-                await self._handle(event)
-        except ProtocolError as err:
-            _LOGGER.warning("Closing connection from %s: %s", self.peer, err.message)
-            self._service.protocol_error(err.code)
-            await self._send_error(err.code, err.message)
-        except (ConnectionError, asyncio.IncompleteReadError):
+            try:
+                while (event := await self._next_event()) is not None:
+                    await self._handle(event)
+            except ProtocolError as err:
+                _LOGGER.warning("Closing connection from %s: %s", self.peer, err.message)
+                self._service.protocol_error(err.code)
+                await self._send_error(err.code, err.message)
+        except (ConnectionError, asyncio.IncompleteReadError, _ClientGoneError):
             pass
         finally:
-            self._abandon()
+            self._abandon("the client stopped before audio-stop")
+            await self._drop_answer()
             self._writer.close()
+
+    async def _next_event(self) -> Event | None:
+        """The next event; the idle timer runs only while the server owes the client nothing."""
+        try:
+            async with asyncio.timeout(None) as idle:
+                self._idle = idle
+                self._rearm_idle()
+                line = await read_header_line(self._reader)
+        except TimeoutError as err:
+            waited = self._limits.idle_timeout_s
+            raise ProtocolError("idle_timeout", f"no event for {waited:g} s; closing the connection") from err
+        finally:
+            self._idle = None
+        if line is None:
+            return None
+        return await read_event_body(self._reader, line, self._limits.read_timeout_s)
+
+    def _rearm_idle(self) -> None:
+        if self._idle is not None:
+            when = None if self._answering else asyncio.get_running_loop().time() + self._limits.idle_timeout_s
+            self._idle.reschedule(when)
 
     async def _handle(self, event: Event) -> None:
         if Describe.is_type(event.type):
@@ -167,75 +253,94 @@ class WyomingHandler:
             _LOGGER.debug("Ignoring %s event from %s", event.type, self.peer)
 
     async def _on_transcribe(self, event: Event) -> None:
-        self._abandon()
+        self._abandon("a new request replaced it before audio-stop")
         language = event.data.get("language")
         self._request = _Request(language=language if isinstance(language, str) and language else None)
         try:
             self._service.check_language(self._request.language)
         except RequestError as err:
-            await self._reject("invalid", err.code, err.message)
+            await self._refuse(err.code, err.message)
 
     async def _on_audio_start(self, event: Event) -> None:
-        if self._request is None or self._request.audio is not None or self._request.answered:
-            self._abandon()
-            self._request = _Request(language=None)  # audio without `transcribe`: default language
-        if self._request.rejected:
+        request = self._request
+        if request is None or request.submitted or request.collecting:
+            # Audio without `transcribe` (default language), or a new stream in place of one left unfinished.
+            self._abandon("a new audio-start replaced it before audio-stop")
+            request = self._request = _Request(language=None)
+        elif request.refused:
             return
-        self.busy = True
+        # A stream whose format was refused may be retried with a corrected audio-start.
+        request.stream_refused = False
         try:
             pcm = PcmFormat.from_event_data(event.data)
-            self._request.audio = AudioBuffer(pcm, self._service.max_audio_seconds())
+            request.audio = AudioBuffer(pcm, self._service.max_audio_seconds())
         except AudioFormatError as err:
-            await self._reject("invalid", "invalid_audio_format", f"audio-start: {err}")
+            request.audio = None
+            await self._refuse_stream(f"audio-start: {err}")
 
     async def _on_audio_chunk(self, event: Event) -> None:
         request = self._request
-        if request is None or (request.audio is None and not request.rejected):
+        if request is None or (request.audio is None and not (request.refused or request.stream_refused)):
             self._service.protocol_error("audio_chunk_without_start")
             await self._send_error("audio_chunk_without_start", "audio-chunk before audio-start; chunk dropped")
             return
-        if request.rejected or request.answered or request.audio is None:
-            return
+        if not request.collecting:
+            return  # the rest of a refused or already answered stream
+        assert request.audio is not None  # noqa: S101 - collecting means it has audio
         chunk_format = PcmFormat.from_event_data(event.data)
         if chunk_format != request.audio.format:
-            await self._reject(
-                "invalid", "invalid_audio_format", f"audio-chunk format {chunk_format} differs from audio-start"
-            )
+            await self._refuse_stream(f"audio-chunk format {chunk_format} differs from audio-start")
             return
+        payload = event.payload or b""
         try:
-            request.audio.append(event.payload or b"")
+            if request.audio.is_heavy(len(payload)):
+                await asyncio.to_thread(request.audio.append, payload)
+            else:
+                request.audio.append(payload)
         except AudioFormatError as err:
-            await self._reject("invalid", "invalid_audio_format", f"audio-chunk: {err}")
+            await self._refuse_stream(f"audio-chunk: {err}")
             return
         if request.audio.full:
-            await self._finish(request)
+            await self._submit(request)
 
     async def _on_audio_stop(self) -> None:
         request = self._request
-        if request is None or (request.audio is None and not request.rejected):
+        if request is None or (request.audio is None and not (request.refused or request.stream_refused)):
             self._service.protocol_error("audio_stop_without_start")
             await self._send_error("audio_stop_without_start", "audio-stop without audio-start")
             return
         self._request = None
-        try:
-            if not request.rejected and not request.answered:
-                await self._finish(request)
-        finally:
-            self.busy = False
+        if request.collecting:
+            await self._submit(request)
 
-    async def _finish(self, request: _Request) -> None:
-        """Transcribe what came and answer; audio arriving later in this request is dropped."""
-        assert request.audio is not None  # noqa: S101 - only called with audio
-        request.answered = True
-        audio = request.audio.finish()
+    async def _submit(self, request: _Request) -> None:
+        """Hand the audio to the model; the answer is written when it comes while the connection is still read.
+
+        A client that sends a second request before the first is answered is read no further until it is.
+        """
+        request.submitted = True
+        if self._answer is not None:
+            await asyncio.shield(self._answer)
+        assert request.audio is not None  # noqa: S101 - only collecting requests are submitted
+        self._answer = asyncio.create_task(self._transcribe(request.audio, request.language))
+        self._answer.add_done_callback(lambda _: self._rearm_idle())
+
+    async def _transcribe(self, audio_buffer: AudioBuffer, language: str | None) -> None:
+        """Transcribe and answer; cancelled when the client leaves, which drops the job if it has not started."""
+        audio = audio_buffer.finish()
         seconds = len(audio) / 16_000
         started = time.monotonic()
         model = "-"
         try:
-            result, model = await self._service.transcribe(audio, request.language)
+            result, model = await self._service.transcribe(audio, language)
+        except asyncio.CancelledError:
+            self._service.record("disconnected", seconds, time.monotonic() - started)
+            self._log(seconds, time.monotonic() - started, model=model, outcome="disconnected", note=_LEFT_WAITING)
+            raise
         except RequestError as err:
-            self._log(seconds, time.monotonic() - started, model=model, outcome="not_ready", note=err.message)
-            self._service.record("not_ready", seconds, time.monotonic() - started)
+            outcome = "busy" if err.code == "server_busy" else "not_ready"
+            self._log(seconds, time.monotonic() - started, model=model, outcome=outcome, note=err.message)
+            self._service.record(outcome, seconds, time.monotonic() - started)
             await self._send_error(err.code, err.message)
             return
         except Exception:
@@ -244,28 +349,43 @@ class WyomingHandler:
             await self._send_error("transcription_failed", "The server failed to transcribe the audio")
             return
         elapsed = time.monotonic() - started
-        outcome = "truncated" if request.audio.truncated else ("ok" if result.text else "no_speech")
+        outcome = "truncated" if audio_buffer.truncated else ("ok" if result.text else "no_speech")
         self._service.record(outcome, seconds, elapsed)
-        note = f"stopped at the {self._service.max_audio_seconds():g} s limit" if request.audio.truncated else ""
+        note = f"stopped at the {self._service.max_audio_seconds():g} s limit" if audio_buffer.truncated else ""
         self._log(seconds, elapsed, model=model, outcome=outcome, note=note, text=result.text)
         await self._write(Transcript(text=result.text, language=result.language).event())
 
-    async def _reject(self, outcome: str, code: str, message: str) -> None:
+    async def _refuse(self, code: str, message: str) -> None:
         """Refuse the current request: tell the client now, drop its audio until the next request."""
         assert self._request is not None  # noqa: S101
-        self._request.rejected = True
-        self._service.record(outcome, 0.0, 0.0)
-        self._log(0.0, 0.0, model="-", outcome=outcome, note=message)
+        self._request.refused = True
+        self._service.record("invalid", 0.0, 0.0)
+        self._log(0.0, 0.0, model="-", outcome="invalid", note=message)
         await self._send_error(code, message)
 
-    def _abandon(self) -> None:
+    async def _refuse_stream(self, message: str) -> None:
+        """Refuse the current audio stream: its audio is dropped; a corrected audio-start may follow."""
+        assert self._request is not None  # noqa: S101
+        self._request.stream_refused = True
+        self._service.record("invalid", 0.0, 0.0)
+        self._log(0.0, 0.0, model="-", outcome="invalid", note=message)
+        await self._send_error("invalid_audio_format", message)
+
+    def _abandon(self, why: str) -> None:
         """A request that never reached audio-stop: count it once, as the client going away."""
         request, self._request = self._request, None
-        self.busy = False
-        if request is not None and request.audio is not None and not (request.rejected or request.answered):
+        if request is not None and request.collecting:
+            assert request.audio is not None  # noqa: S101
             seconds = request.audio.seconds
             self._service.record("disconnected", seconds, 0.0)
-            self._log(seconds, 0.0, model="-", outcome="disconnected", note="the client stopped before audio-stop")
+            self._log(seconds, 0.0, model="-", outcome="disconnected", note=why)
+
+    async def _drop_answer(self) -> None:
+        """The client is gone: cancel the transcription it waits for (counted as disconnected)."""
+        if self._answer is not None and not self._answer.done():
+            self._answer.cancel()
+        if self._answer is not None:
+            await asyncio.gather(self._answer, return_exceptions=True)
 
     def _info(self) -> Info:
         model, languages = self._service.describe_model()
@@ -318,7 +438,16 @@ class WyomingHandler:
         await self._write(Error(text=message, code=code).event())
 
     async def _write(self, event: Event) -> None:
+        """Write one event; a client that takes nothing within the idle timeout is cut off."""
         try:
-            await async_write_event(event, self._writer)
+            async with self._write_lock, asyncio.timeout(self._limits.idle_timeout_s):
+                await async_write_event(event, self._writer)
+        except TimeoutError as err:
+            _LOGGER.info(
+                "Closing connection from %s: it took no event for %g s", self.peer, self._limits.idle_timeout_s
+            )
+            self._service.protocol_error("idle_timeout")
+            self._writer.transport.abort()
+            raise _ClientGoneError from err
         except (ConnectionError, RuntimeError):
             _LOGGER.debug("Could not write %s to %s: the client is gone", event.type, self.peer)
