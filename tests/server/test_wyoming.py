@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import time
@@ -21,6 +22,7 @@ from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
 from wyoming.event import Event
 from wyoming.info import Describe, Info
+from wyoming.ping import Ping, Pong
 
 normalize = EnglishTextNormalizer()
 # tiny.en on synthetic speech: the base model's accuracy is tested in test_accuracy.py.
@@ -62,6 +64,52 @@ def metric(server: ServerProcess, name: str, labels: str = "") -> float:
     _, text = server.get("/metrics")
     match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
+
+
+async def wait_for_metric(
+    server: ServerProcess, name: str, wanted: Callable[[float], bool], labels: str = "", timeout: float = 60
+) -> float:
+    deadline = time.monotonic() + timeout
+    while not wanted(value := metric(server, name, labels)):
+        assert time.monotonic() < deadline, f"{name}{labels} stayed at {value}"
+        await asyncio.sleep(0.05)
+    return value
+
+
+def cpu_seconds(server: ServerProcess) -> float:
+    """CPU time the server process has used (all threads): what a transcription costs, whoever waits for it."""
+    assert server.process is not None
+    fields = Path(f"/proc/{server.process.pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_memory_mb(server: ServerProcess) -> float:
+    """The server's peak resident memory so far (VmHWM)."""
+    assert server.process is not None
+    status = Path(f"/proc/{server.process.pid}/status").read_text()
+    match = re.search(r"^VmHWM:\s+(\d+) kB$", status, re.MULTILINE)
+    assert match
+    return int(match.group(1)) / 1024
+
+
+def long_speech(commands: list[Utterance], seconds: float) -> bytes:
+    """Spoken commands one after another, 16 kHz mono 16-bit, at least this long."""
+    audio = b""
+    while len(audio) < seconds * 32_000:
+        for utterance in commands:
+            audio += utterance.pcm()[0]
+    return audio
+
+
+async def send_request(client: AsyncTcpClient, audio: bytes, *, stop: bool = True, chunk_frames: int = 1024) -> None:
+    """Write one 16 kHz mono request without reading the answer."""
+    await client.write_event(Transcribe().event())
+    await client.write_event(AudioStart(rate=16_000, width=2, channels=1).event())
+    for start in range(0, len(audio), chunk_frames * 2):
+        piece = audio[start : start + chunk_frames * 2]
+        await client.write_event(AudioChunk(rate=16_000, width=2, channels=1, audio=piece).event())
+    if stop:
+        await client.write_event(AudioStop().event())
 
 
 async def test_describe_announces_an_asr_program_with_the_model(whisper_server: ServerProcess) -> None:
@@ -224,6 +272,10 @@ async def test_a_chunk_of_partial_frames_is_refused(whisper_server: ServerProces
         (b'{"type": "transcribe", "data_length": 10000000}\n', "data_too_large"),
         (b'{"type": "transcribe", "data_length": 5}\nnope!', "malformed_event"),
         (b'{"type": "' + b"x" * 70_000 + b'"}\n', "header_too_large"),
+        (b'{"type": "transcribe", "data": ' + b"[" * 30_000 + b"\n", "malformed_event"),
+        (b'{"type": "audio-chunk", "payload_length": 1' + b"0" * 5000 + b"}\n", "malformed_event"),
+        (b'{"type": "transcribe", "data_length": 30000}\n' + b"[" * 30_000, "malformed_event"),
+        (b'{"type": "transcribe", "data_length": 5003}\n{"a":' + b"7" * 5000 + b"}", "malformed_event"),
     ],
     ids=[
         "not-json",
@@ -234,6 +286,10 @@ async def test_a_chunk_of_partial_frames_is_refused(whisper_server: ServerProces
         "huge-data",
         "bad-data",
         "huge-header",
+        "deep-header",
+        "huge-integer-header",
+        "deep-data",
+        "huge-integer-data",
     ],
 )
 async def test_malformed_events_get_an_error_and_the_server_stays_up(
@@ -247,7 +303,7 @@ async def test_malformed_events_get_an_error_and_the_server_stays_up(
     assert heard(await transcribe(whisper_server.wyoming_port, audio, rate, width, channels)) == normalize(kitchen.text)
 
 
-async def test_a_client_that_vanishes_mid_stream_costs_nothing(
+async def test_a_client_cut_off_mid_payload_counts_as_disconnected(
     whisper_server: ServerProcess, kitchen: Utterance
 ) -> None:
     before = metric(whisper_server, "whisper_gpu_requests_total", '{outcome="disconnected"}')
@@ -262,26 +318,207 @@ async def test_a_client_that_vanishes_mid_stream_costs_nothing(
     await writer.wait_closed()
     del reader
     assert heard(await transcribe(whisper_server.wyoming_port, audio, rate, width, channels)) == normalize(kitchen.text)
-    for _ in range(50):
-        if metric(whisper_server, "whisper_gpu_requests_total", '{outcome="disconnected"}') == before + 1:
-            break
-        await asyncio.sleep(0.1)
-    assert metric(whisper_server, "whisper_gpu_requests_total", '{outcome="disconnected"}') == before + 1
+    await wait_for_metric(
+        whisper_server, "whisper_gpu_requests_total", lambda value: value == before + 1, '{outcome="disconnected"}'
+    )
 
 
-async def test_a_stalled_client_does_not_delay_others(whisper_server: ServerProcess, kitchen: Utterance) -> None:
+async def test_a_client_that_vanishes_mid_stream_costs_nothing(
+    start_server: Callable[..., ServerProcess], commands: list[Utterance]
+) -> None:
+    """Clients whose requests wait behind another leave: mid-stream (past MAX_AUDIO_S, so already queued) or right
+    after audio-stop. None of their audio is transcribed: the server spends the CPU time of the one request that
+    stayed, not of seven.
+    """
+    server = start_server(args=["--compute-type", "int8", "--max-audio-s", "12"])
+    speech = long_speech(commands, 14)
+    started = cpu_seconds(server)
+    assert heard(await transcribe(server.wyoming_port, speech))
+    one_request = cpu_seconds(server) - started
+    disconnected = metric(server, "whisper_gpu_requests_total", '{outcome="disconnected"}')
+
+    started = cpu_seconds(server)
+    stayer = asyncio.create_task(transcribe(server.wyoming_port, speech))
+    await wait_for_metric(server, "whisper_gpu_requests_in_flight", lambda value: value >= 1)
+    leavers = [AsyncTcpClient("127.0.0.1", server.wyoming_port) for _ in range(6)]
+    for number, client in enumerate(leavers):
+        await client.connect()
+        await send_request(client, speech, stop=number % 2 == 0)  # 14 s: the request is queued at 12 s
+    await wait_for_metric(server, "whisper_gpu_requests_queued", lambda value: value >= len(leavers))
+    for client in leavers:
+        await client.disconnect()
+    assert heard(await stayer)
+    await wait_for_metric(server, "whisper_gpu_requests_queued", lambda value: value == 0)
+    await wait_for_metric(server, "whisper_gpu_requests_in_flight", lambda value: value == 0)
+    await asyncio.sleep(0.5)
+    spent = cpu_seconds(server) - started
+
+    assert metric(server, "whisper_gpu_requests_total", '{outcome="disconnected"}') == disconnected + len(leavers)
+    assert spent < 2.5 * one_request, f"{spent:.1f} s CPU for one request of {one_request:.1f} s and six that left"
+    assert server.log().count("left while its request waited for the model") == len(leavers)
+
+
+async def test_a_stalled_client_does_not_delay_others(
+    start_server: Callable[..., ServerProcess], kitchen: Utterance
+) -> None:
+    """A client whose request reached the model stops reading and floods `describe`: the server's writes to it
+    back up. Another client is served meanwhile, and the staller is cut off after the idle timeout.
+    """
+    server = start_server(args=["--compute-type", "int8", "--idle-timeout-s", "4"])
     audio, rate, width, channels = kitchen.pcm()
-    staller = AsyncTcpClient("127.0.0.1", whisper_server.wyoming_port)
-    await staller.connect()
-    await staller.write_event(Transcribe().event())
-    await staller.write_event(AudioStart(rate=rate, width=width, channels=channels).event())
-    await staller.write_event(AudioChunk(rate=rate, width=width, channels=channels, audio=audio).event())
-    # The staller never sends audio-stop; another client is served as if it were alone.
+    _, staller = await asyncio.open_connection("127.0.0.1", server.wyoming_port)
+    for event in (
+        Transcribe().event(),
+        AudioStart(rate=rate, width=width, channels=channels).event(),
+        AudioChunk(rate=rate, width=width, channels=channels, audio=audio).event(),
+        AudioStop().event(),
+    ):
+        await async_write(staller, event)
+    await wait_for_metric(server, "whisper_gpu_requests_total", lambda value: value == 1, '{outcome="ok"}')
+    describe = b'{"type": "describe"}\n'
+    staller.write(describe * 200_000)  # megabytes of answers that the staller never reads
+
     started = time.monotonic()
-    event = await transcribe(whisper_server.wyoming_port, audio, rate, width, channels)
+    event = await transcribe(server.wyoming_port, audio, rate, width, channels)
     assert heard(event) == normalize(kitchen.text)
     assert time.monotonic() - started < 30
-    await staller.disconnect()
+    assert metric(server, "whisper_gpu_connections") == 1
+
+    await wait_for_metric(server, "whisper_gpu_connections", lambda value: value == 0, timeout=30)
+    assert metric(server, "whisper_gpu_protocol_errors_total", '{code="idle_timeout"}') == 1
+    staller.transport.abort()
+
+
+async def async_write(writer: asyncio.StreamWriter, event: Event) -> None:
+    header = {"type": event.type, "data": event.data}
+    if event.payload:
+        header["payload_length"] = len(event.payload)
+    writer.write(json.dumps(header).encode() + b"\n" + (event.payload or b""))
+    await writer.drain()
+
+
+async def test_describe_and_ping_are_answered_while_a_request_waits(
+    whisper_server: ServerProcess, commands: list[Utterance]
+) -> None:
+    speech = long_speech(commands, 20)
+    async with AsyncTcpClient("127.0.0.1", whisper_server.wyoming_port) as client:
+        await send_request(client, speech)
+        await client.write_event(Describe().event())
+        await client.write_event(Ping(text="still there?").event())
+        answers = [await asyncio.wait_for(client.read_event(), timeout=120) for _ in range(3)]
+    assert [event.type if event else None for event in answers] == ["info", "pong", "transcript"]
+    assert answers[1] is not None
+    assert Pong.from_event(answers[1]).text == "still there?"
+    assert heard(answers[2])
+
+
+async def test_a_corrected_audio_start_after_a_refused_one_is_served(
+    whisper_server: ServerProcess, kitchen: Utterance
+) -> None:
+    audio, rate, width, channels = kitchen.pcm()
+    async with AsyncTcpClient("127.0.0.1", whisper_server.wyoming_port) as client:
+        await client.write_event(Transcribe(language="en").event())
+        await client.write_event(AudioStart(rate=rate, width=3, channels=channels).event())
+        assert error_code(await client.read_event()) == "invalid_audio_format"
+        await client.write_event(AudioStart(rate=rate, width=width, channels=channels).event())
+        await client.write_event(AudioChunk(rate=rate, width=width, channels=channels, audio=audio).event())
+        await client.write_event(AudioStop().event())
+        assert heard(await asyncio.wait_for(client.read_event(), timeout=60)) == normalize(kitchen.text)
+
+
+async def test_a_low_rate_stream_of_huge_chunks_costs_little_memory_and_never_blocks_the_server(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    """1 kHz audio in 4 MiB chunks: each chunk is 35 minutes, 134 MB at 16 kHz, but the request keeps 60 s."""
+    server = start_server(args=["--compute-type", "int8"])
+    peak_before = peak_memory_mb(server)
+    latencies: list[float] = []
+    streaming = True
+
+    async def ping_meanwhile() -> None:
+        async with AsyncTcpClient("127.0.0.1", server.wyoming_port) as client:
+            while streaming:
+                sent = time.monotonic()
+                await client.write_event(Ping().event())
+                assert await asyncio.wait_for(client.read_event(), timeout=30) is not None
+                latencies.append(time.monotonic() - sent)
+                await asyncio.sleep(0.02)
+
+    pinger = asyncio.create_task(ping_meanwhile())
+    await asyncio.sleep(0.2)
+    silence = bytes(4 * 1024 * 1024)
+    async with AsyncTcpClient("127.0.0.1", server.wyoming_port) as client:
+        await client.write_event(AudioStart(rate=1000, width=2, channels=1).event())
+        for _ in range(3):
+            await client.write_event(AudioChunk(rate=1000, width=2, channels=1, audio=silence).event())
+        await client.write_event(AudioStop().event())
+        event = await asyncio.wait_for(client.read_event(), timeout=120)
+    streaming = False
+    await pinger
+    assert event is not None
+    assert Transcript.is_type(event.type), event
+    assert metric(server, "whisper_gpu_requests_total", '{outcome="truncated"}') == 1
+    assert peak_memory_mb(server) - peak_before < 40
+    assert max(latencies) < 1.0, f"the event loop stalled for {max(latencies):.2f} s"
+
+
+async def test_a_stream_without_audio_stop_and_an_idle_connection_time_out(
+    start_server: Callable[..., ServerProcess], kitchen: Utterance
+) -> None:
+    server = start_server(args=["--compute-type", "int8", "--idle-timeout-s", "2"])
+    audio, rate, width, channels = kitchen.pcm()
+    async with AsyncTcpClient("127.0.0.1", server.wyoming_port) as client:
+        await client.write_event(Transcribe().event())
+        await client.write_event(AudioStart(rate=rate, width=width, channels=channels).event())
+        await client.write_event(AudioChunk(rate=rate, width=width, channels=channels, audio=audio).event())
+        event = await asyncio.wait_for(client.read_event(), timeout=30)
+        assert error_code(event) == "idle_timeout"
+        assert await asyncio.wait_for(client.read_event(), timeout=5) is None, "the connection must close"
+    assert metric(server, "whisper_gpu_requests_total", '{outcome="disconnected"}') == 1
+    # A connection that never sends anything is closed the same way.
+    async with AsyncTcpClient("127.0.0.1", server.wyoming_port) as client:
+        assert error_code(await asyncio.wait_for(client.read_event(), timeout=30)) == "idle_timeout"
+        assert await asyncio.wait_for(client.read_event(), timeout=5) is None
+    assert metric(server, "whisper_gpu_protocol_errors_total", '{code="idle_timeout"}') == 2
+    assert metric(server, "whisper_gpu_connections") == 0
+    # Waiting for a transcript never counts as idle, and the next client is served.
+    assert heard(await transcribe(server.wyoming_port, audio, rate, width, channels)) == normalize(kitchen.text)
+
+
+async def test_a_payload_one_byte_short_times_out(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server(args=["--compute-type", "int8", "--read-timeout-s", "2", "--idle-timeout-s", "60"])
+    length = 4 * 1024 * 1024
+    header = {"type": "audio-chunk", "data": {"rate": 16000, "width": 2, "channels": 1}, "payload_length": length}
+    started = time.monotonic()
+    events = await raw_exchange(server.wyoming_port, json.dumps(header).encode() + b"\n" + bytes(length - 1))
+    assert [error_code(event) for event in events] == ["read_timeout"]
+    assert time.monotonic() - started < 30
+    await wait_for_metric(server, "whisper_gpu_connections", lambda value: value == 0)
+    assert metric(server, "whisper_gpu_protocol_errors_total", '{code="read_timeout"}') == 1
+
+
+async def test_one_connection_over_the_limit_is_told_the_server_is_busy(
+    start_server: Callable[..., ServerProcess], kitchen: Utterance
+) -> None:
+    server = start_server(args=["--compute-type", "int8", "--max-connections", "2"])
+    first = AsyncTcpClient("127.0.0.1", server.wyoming_port)
+    second = AsyncTcpClient("127.0.0.1", server.wyoming_port)
+    for client in (first, second):
+        await client.connect()
+        await client.write_event(Describe().event())
+        assert Info.is_type((await client.read_event() or Event("none")).type)
+    async with AsyncTcpClient("127.0.0.1", server.wyoming_port) as third:
+        event = await asyncio.wait_for(third.read_event(), timeout=10)
+        assert error_code(event) == "server_busy"
+        assert event is not None
+        assert "2 connections" in Error.from_event(event).text
+        assert await asyncio.wait_for(third.read_event(), timeout=5) is None
+    assert metric(server, "whisper_gpu_connections_refused_total") == 1
+    await first.disconnect()
+    await wait_for_metric(server, "whisper_gpu_connections", lambda value: value == 1)
+    audio, rate, width, channels = kitchen.pcm()
+    assert heard(await transcribe(server.wyoming_port, audio, rate, width, channels)) == normalize(kitchen.text)
+    await second.disconnect()
 
 
 async def test_endless_audio_stops_at_the_limit_with_what_came(
