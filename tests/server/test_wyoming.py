@@ -330,8 +330,8 @@ async def test_a_client_that_vanishes_mid_stream_costs_nothing(
     after audio-stop. None of their audio is transcribed: the server spends the CPU time of the one request that
     stayed, not of seven.
     """
-    server = start_server(args=["--compute-type", "int8", "--max-audio-s", "12"])
-    speech = long_speech(commands, 14)
+    server = start_server(args=["--compute-type", "int8", "--max-audio-s", "30"])
+    speech = long_speech(commands, 32)
     started = cpu_seconds(server)
     assert heard(await transcribe(server.wyoming_port, speech))
     one_request = cpu_seconds(server) - started
@@ -343,8 +343,9 @@ async def test_a_client_that_vanishes_mid_stream_costs_nothing(
     leavers = [AsyncTcpClient("127.0.0.1", server.wyoming_port) for _ in range(6)]
     for number, client in enumerate(leavers):
         await client.connect()
-        await send_request(client, speech, stop=number % 2 == 0)  # 14 s: the request is queued at 12 s
-    await wait_for_metric(server, "whisper_gpu_requests_queued", lambda value: value >= len(leavers))
+        await send_request(client, speech, stop=number % 2 == 0)  # 32 s: the request is queued at 30 s
+    # All but perhaps the first are queued behind the stayer (the first may have started if the stayer finished).
+    await wait_for_metric(server, "whisper_gpu_requests_queued", lambda value: value >= len(leavers) - 1)
     for client in leavers:
         await client.disconnect()
     assert heard(await stayer)
@@ -354,7 +355,7 @@ async def test_a_client_that_vanishes_mid_stream_costs_nothing(
     spent = cpu_seconds(server) - started
 
     assert metric(server, "whisper_gpu_requests_total", '{outcome="disconnected"}') == disconnected + len(leavers)
-    assert spent < 2.5 * one_request, f"{spent:.1f} s CPU for one request of {one_request:.1f} s and six that left"
+    assert spent < 3 * one_request, f"{spent:.1f} s CPU for one request of {one_request:.1f} s and six that left"
     assert server.log().count("left while its request waited for the model") == len(leavers)
 
 
