@@ -207,7 +207,11 @@ def _code_for(err: vol.Invalid) -> ErrorCode:
 
 
 def _check_model(value: str) -> str:
-    if is_known_model(value) or looks_like_model_reference(value):
+    try:
+        usable = is_known_model(value) or looks_like_model_reference(value)
+    except (OSError, RuntimeError) as err:  # a name too long for the file system, `~someone` without a home
+        raise _UnknownModelError("unknown model") from err
+    if usable:
         return value
     raise _UnknownModelError("unknown model")
 
