@@ -17,6 +17,7 @@ from yarl import URL
 from .const import LOGGER, SAMPLE_CHANNELS, SAMPLE_RATE, SAMPLE_WIDTH
 
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=10)
+# Opening the Wyoming connection; the transcription itself may take longer (RESULT_TIMEOUT).
 CONNECT_TIMEOUT = 10.0
 DESCRIBE_TIMEOUT = 10.0
 # How long the server may take for the transcript once the audio has ended.
@@ -197,7 +198,7 @@ class WhisperGpuClient:
                     body = None
                 return response.status, body
         except (aiohttp.ClientError, TimeoutError) as err:
-            raise WhisperGpuConnectionError(f"{method} {path} failed: {err!r}") from err
+            raise WhisperGpuConnectionError(f"{method} {path} failed: {_describe_error(err)}") from err
 
     async def async_get_info(self) -> ServerInfo:
         """Read the server's id, models, languages and settings schema."""
@@ -260,8 +261,8 @@ class WhisperGpuClient:
                         if not info.asr:
                             raise WhisperGpuResponseError("The server has no asr")
                         return info.asr[0]
-        except (OSError, TimeoutError) as err:
-            raise WhisperGpuConnectionError(f"Wyoming describe failed: {err!r}") from err
+        except (OSError, EOFError, TimeoutError) as err:
+            raise WhisperGpuConnectionError(f"Wyoming describe failed: {_describe_error(err)}") from err
         raise WhisperGpuConnectionError("The Wyoming connection closed")
 
     async def async_transcribe(self, audio: AsyncIterable[bytes], language: str | None) -> str:
@@ -271,27 +272,43 @@ class WhisperGpuClient:
         sends before the audio ends (an unsupported language, no model) stops the
         upload at once.
         """
+        client = AsyncTcpClient(self.host, self.wyoming_port)
         try:
-            async with AsyncTcpClient(self.host, self.wyoming_port) as client:
-                await client.write_event(Transcribe(language=language).event())
-                await client.write_event(
-                    AudioStart(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=SAMPLE_CHANNELS).event()
-                )
-                upload = asyncio.create_task(_async_upload(client, audio))
-                receive = asyncio.create_task(_async_receive_transcript(client))
-                try:
-                    await asyncio.wait((upload, receive), return_when=asyncio.FIRST_COMPLETED)
-                    if not receive.done():
-                        upload.result()
-                        async with asyncio.timeout(RESULT_TIMEOUT):
-                            return await receive
-                    return receive.result()
-                finally:
-                    upload.cancel()
-                    receive.cancel()
-                    await asyncio.gather(upload, receive, return_exceptions=True)
-        except (OSError, TimeoutError) as err:
-            raise WhisperGpuConnectionError(f"Transcription failed: {err!r}") from err
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await client.connect()
+            try:
+                return await _async_stream_and_receive(client, audio, language)
+            finally:
+                await client.disconnect()
+        except (OSError, EOFError, TimeoutError) as err:
+            # EOFError covers asyncio.IncompleteReadError: the server hung up in the middle of an event.
+            raise WhisperGpuConnectionError(f"Transcription failed: {_describe_error(err)}") from err
+
+
+async def _async_stream_and_receive(client: AsyncTcpClient, audio: AsyncIterable[bytes], language: str | None) -> str:
+    """Send the request and its audio while reading the answer; return the transcript."""
+    await client.write_event(Transcribe(language=language).event())
+    await client.write_event(AudioStart(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=SAMPLE_CHANNELS).event())
+    upload = asyncio.create_task(_async_upload(client, audio))
+    receive = asyncio.create_task(_async_receive_transcript(client))
+    try:
+        await asyncio.wait((upload, receive), return_when=asyncio.FIRST_COMPLETED)
+        if not receive.done():
+            upload.result()
+            async with asyncio.timeout(RESULT_TIMEOUT):
+                return await receive
+        return receive.result()
+    finally:
+        upload.cancel()
+        receive.cancel()
+        await asyncio.gather(upload, receive, return_exceptions=True)
+
+
+def _describe_error(err: BaseException) -> str:
+    """Name an error without its request: aiohttp's repr includes the headers, and so the control token."""
+    if isinstance(err, aiohttp.ClientResponseError):
+        return f"{type(err).__name__} (HTTP {err.status})"
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
 
 
 async def _async_upload(client: AsyncTcpClient, audio: AsyncIterable[bytes]) -> None:

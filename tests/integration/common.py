@@ -193,7 +193,8 @@ class StubWyomingServer:
     `mode` picks its behaviour: "normal" answers describe with an asr program
     and audio-stop with a transcript (after a transcript-start); "no_asr",
     "ping_first" and "close_on_describe" vary the describe answer;
-    "close_on_stop" hangs up instead of answering.
+    "close_on_stop" hangs up instead of answering; "cut_on_describe" and
+    "cut_on_stop" hang up in the middle of the answer's payload.
     """
 
     mode: str = "normal"
@@ -205,6 +206,10 @@ class StubWyomingServer:
         try:
             while (event := await async_read_event(reader)) is not None:
                 self.events.append(event)
+                if self.mode == f"cut_on_{event.type.replace('-', '_')}":
+                    writer.write(b'{"type": "transcript", "payload_length": 100}\n' + bytes(10))
+                    await writer.drain()
+                    return
                 if Describe.is_type(event.type):
                     if self.mode == "close_on_describe":
                         return

