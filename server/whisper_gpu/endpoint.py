@@ -30,18 +30,19 @@ class SpeechEvent(StrEnum):
     SPEECH = "speech"
     """Speech began, or resumed after a pause."""
     PAUSE = "pause"
-    """Enough speech was heard and it stopped; the end may follow."""
+    """Enough speech was heard, then silence long enough to be more than a gap between words."""
     END = "end"
     """The silence after speech reached the end-of-command length."""
 
 
 @dataclass(frozen=True)
 class EndpointSettings:
-    """How speech is told from silence, and how much silence ends a command."""
+    """How speech is told from silence, and how much silence makes a pause and ends a command."""
 
     threshold: float
     min_speech_s: float
     end_silence_s: float
+    pause_s: float = 0.2
 
 
 class StreamingVad:
@@ -123,10 +124,11 @@ class Endpointer:
         self._silent_frames += 1
         if not self.heard_speech:
             return None
-        if self._silent_frames * FRAME_SECONDS >= self._settings.end_silence_s:
+        silent_s = self._silent_frames * FRAME_SECONDS
+        if silent_s >= self._settings.end_silence_s:
             self.ended = True
             return SpeechEvent.END
-        if not self._paused:
+        if not self._paused and silent_s >= self._settings.pause_s:
             self._paused = True
             return SpeechEvent.PAUSE
         return None

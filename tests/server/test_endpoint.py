@@ -46,7 +46,7 @@ def test_a_command_ends_after_the_silence_that_follows_it(speech_dir: Path) -> N
     assert [event for event, _ in events] == [SpeechEvent.SPEECH, SpeechEvent.PAUSE, SpeechEvent.END]
     (_, speech_at), (_, pause_at), (_, end_at) = events
     assert lead <= speech_at <= lead + VAD_LAG_S
-    assert speech_ends_at <= pause_at <= speech_ends_at + VAD_LAG_S
+    assert speech_ends_at + SETTINGS.pause_s <= pause_at <= speech_ends_at + SETTINGS.pause_s + VAD_LAG_S
     assert speech_ends_at + SETTINGS.end_silence_s <= end_at <= speech_ends_at + SETTINGS.end_silence_s + VAD_LAG_S
 
 
