@@ -85,6 +85,11 @@ class Endpointer:
         """Sample index where the last speech frame ended."""
 
     @property
+    def in_speech(self) -> bool:
+        """The audio heard so far ends in speech (a word may be cut off at its end)."""
+        return self._in_speech
+
+    @property
     def heard_speech(self) -> bool:
         """At least the minimum speech duration was heard."""
         return self._speech_frames * FRAME_SECONDS >= self._settings.min_speech_s
