@@ -90,9 +90,14 @@ class Endpointer:
         return self._in_speech
 
     @property
+    def speech_seconds(self) -> float:
+        """Speech heard so far."""
+        return self._speech_frames * FRAME_SECONDS
+
+    @property
     def heard_speech(self) -> bool:
         """At least the minimum speech duration was heard."""
-        return self._speech_frames * FRAME_SECONDS >= self._settings.min_speech_s
+        return self.speech_seconds >= self._settings.min_speech_s
 
     def feed(self, audio: np.ndarray) -> list[SpeechEvent]:
         """Take the next piece of audio; the events it caused, in order. Nothing is reported after END."""
