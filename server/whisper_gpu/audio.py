@@ -79,6 +79,7 @@ class AudioBuffer:
             if pcm_format.rate != SAMPLE_RATE
             else None
         )
+        self._taken = 0
         self._piece_frames = max(1, min(PIECE_SECONDS * pcm_format.rate, PIECE_BYTES // pcm_format.frame_bytes))
         self.truncated = False
 
@@ -121,6 +122,11 @@ class AudioBuffer:
             count = min(self._piece_frames, frames - first)
             self._convert(data[first * frame_bytes : (first + count) * frame_bytes])
             self._frames += count
+
+    def take_new(self) -> np.ndarray:
+        """The 16 kHz audio converted since the last call, to follow the request while it arrives."""
+        new, self._taken = self._parts[self._taken :], len(self._parts)
+        return np.concatenate(new) if new else np.zeros(0, dtype=np.float32)
 
     def finish(self) -> np.ndarray:
         """All audio of the request as one array."""

@@ -20,11 +20,23 @@ _LOGGER = logging.getLogger(__name__)
 
 
 @dataclass
+class Urgency:
+    """Whether a job may wait for others.
+
+    Background work (partial and speculative transcripts) goes after every final transcript queued, and is raised
+    to final when its result becomes somebody's answer.
+    """
+
+    background: bool = False
+
+
+@dataclass
 class _Job:
     engine: WhisperEngine
     audio: np.ndarray
     options: DecodeOptions
     future: asyncio.Future[TranscriptResult] = field(repr=False)
+    urgency: Urgency = field(default_factory=Urgency)
 
 
 @dataclass
@@ -63,10 +75,12 @@ class InferenceQueue:
             await asyncio.gather(self._worker, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
-    async def transcribe(self, engine: WhisperEngine, audio: np.ndarray, options: DecodeOptions) -> TranscriptResult:
+    async def transcribe(
+        self, engine: WhisperEngine, audio: np.ndarray, options: DecodeOptions, urgency: Urgency | None = None
+    ) -> TranscriptResult:
         """Queue one request and wait for its transcript; cancelling drops it if it has not started."""
         future: asyncio.Future[TranscriptResult] = asyncio.get_running_loop().create_future()
-        self._put(_Job(engine, audio, options, future))
+        self._put(_Job(engine, audio, options, future, urgency or Urgency()))
         return await future
 
     async def after_pending(self, action: Callable[[], None]) -> None:
@@ -86,7 +100,7 @@ class InferenceQueue:
             while not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            item = self._pending.popleft()
+            item = self._take_next()
             if isinstance(item, _Task):
                 await self._run_task(loop, item)
             elif batch := self._collect_batch(item):
@@ -110,6 +124,16 @@ class InferenceQueue:
                     job.future.set_result(result)
         finally:
             self.in_flight = 0
+
+    def _take_next(self) -> _Job | _Task:
+        """The first final job queued before any task, else whatever comes first (tasks keep their place)."""
+        for index, item in enumerate(self._pending):
+            if isinstance(item, _Task):
+                break
+            if not item.urgency.background:
+                del self._pending[index]
+                return item
+        return self._pending.popleft()
 
     def _collect_batch(self, first: _Job) -> list[_Job]:
         """The first live job plus queued jobs for the same engine, up to the batch size."""

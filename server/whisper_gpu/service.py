@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .endpoint import EndpointSettings
 from .engine import (
     DecodeOptions,
     Device,
@@ -31,7 +32,8 @@ from .engine import (
     supported_compute_types,
 )
 from .hardware import describe_device, device_memory, usable_cpu_count
-from .inference import InferenceQueue
+from .inference import InferenceQueue, Urgency
+from .live import LiveSettings
 from .metrics import Metrics
 from .models import (
     KNOWN_MODELS,
@@ -54,6 +56,8 @@ from .settings import (
 
 _LOGGER = logging.getLogger(__name__)
 
+# Silence after which the speech so far is transcribed in case the command is over (at most half the end silence).
+_SPECULATION_PAUSE_S = 0.2
 RELOAD_SETTINGS = frozenset(name for name in RUNTIME_SETTINGS if SETTINGS[name].reload)
 SERVER_ID_FILE = "server_id"
 TOKEN_FILE = "control_token"  # noqa: S105 - a file name, not a secret
@@ -338,12 +342,32 @@ class Service:
             )
         return chosen
 
-    async def transcribe(self, audio: np.ndarray, language: str | None) -> tuple[TranscriptResult, str]:
-        """Transcribe 16 kHz mono audio with the current settings; returns the result and the model's name."""
+    async def transcribe(
+        self, audio: np.ndarray, language: str | None, *, urgency: Urgency | None = None
+    ) -> tuple[TranscriptResult, str]:
+        """Transcribe 16 kHz mono audio with the current settings; returns the result and the model's name.
+
+        Background work (partial and speculative transcripts) waits for every final transcript queued.
+        """
         decode_language = self.check_language(language)
         engine = await self.models.acquire()
         options = DecodeOptions.from_settings(self.settings.values, decode_language)
-        return await self.queue.transcribe(engine, audio, options), engine.name
+        return await self.queue.transcribe(engine, audio, options, urgency), engine.name
+
+    def live_settings(self) -> LiveSettings:
+        """How requests are followed while their audio arrives: end of speech and partial transcripts."""
+        values = self.settings.values
+        endpoint = (
+            EndpointSettings(
+                threshold=values["vad_threshold"],
+                min_speech_s=values["min_speech_duration_ms"] / 1000,
+                end_silence_s=values["end_of_speech_s"],
+                pause_s=min(_SPECULATION_PAUSE_S, values["end_of_speech_s"] / 2),
+            )
+            if values["endpointing"]
+            else None
+        )
+        return LiveSettings(endpoint=endpoint, partial_interval_s=values["partial_interval_s"])
 
     def describe_model(self) -> tuple[str, list[str]]:
         """The model name and languages Wyoming `describe` announces.

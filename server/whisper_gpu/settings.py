@@ -320,6 +320,32 @@ SETTINGS: Mapping[str, SettingSpec] = _spec_table(
         runtime=True,
     ),
     SettingSpec(
+        name="endpointing",
+        kind=bool,
+        default=True,
+        description="End a command after end_of_speech_s of silence following speech, without waiting for the "
+        "client's audio-stop (Home Assistant then needs no VAD of its own)",
+        runtime=True,
+    ),
+    SettingSpec(
+        name="end_of_speech_s",
+        kind=float,
+        default=0.5,
+        minimum=0.2,
+        maximum=5.0,
+        description="Silence after speech that ends a command; shorter pauses inside a sentence never do",
+        runtime=True,
+    ),
+    SettingSpec(
+        name="partial_interval_s",
+        kind=float,
+        default=1.0,
+        minimum=0.0,
+        maximum=30.0,
+        description="How often the text so far is sent while the speaker talks (transcript-chunk); 0 sends none",
+        runtime=True,
+    ),
+    SettingSpec(
         name="max_audio_s",
         kind=float,
         default=60.0,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from wyoming.asr import Transcribe, Transcript
+from wyoming.asr import Transcribe, Transcript, TranscriptChunk, TranscriptStart, TranscriptStop
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
 from wyoming.event import Event, async_write_event
@@ -24,6 +24,8 @@ from wyoming.ping import Ping, Pong
 from . import __version__
 from .audio import AudioBuffer, AudioFormatError, PcmFormat
 from .engine import TranscriptResult
+from .inference import Urgency
+from .live import LiveRequest, LiveSettings
 from .service import RequestError
 
 _LOGGER = logging.getLogger(__name__)
@@ -50,8 +52,13 @@ class TranscriptionService(Protocol):
     def check_language(self, language: str | None) -> str | None:
         """Raise RequestError when the language cannot be served."""
 
-    async def transcribe(self, audio: np.ndarray, language: str | None) -> tuple[TranscriptResult, str]:
+    async def transcribe(
+        self, audio: np.ndarray, language: str | None, *, urgency: Urgency | None = None
+    ) -> tuple[TranscriptResult, str]:
         """Transcribe 16 kHz mono audio; the result and the model's name."""
+
+    def live_settings(self) -> LiveSettings:
+        """End-of-command detection and partial transcripts for new requests."""
 
     def describe_model(self) -> tuple[str, list[str]]:
         """Model name and languages for `describe`."""
@@ -150,6 +157,8 @@ class _Request:
     `refused`: the request was refused (its language); its audio is dropped until the next request.
     `stream_refused`: the audio stream was refused (its format); a corrected `audio-start` retries.
     `submitted`: its audio went to the model; later audio of the same stream is dropped.
+    `live`: follows the audio as it arrives (end of speech, partial transcripts) when the settings ask for it.
+    `streaming`: the client is sent transcript-start, transcript-chunk..., transcript, transcript-stop.
     """
 
     language: str | None
@@ -157,6 +166,9 @@ class _Request:
     refused: bool = False
     stream_refused: bool = False
     submitted: bool = False
+    live: LiveRequest | None = None
+    streaming: bool = False
+    stream_started: bool = False
 
     @property
     def collecting(self) -> bool:
@@ -277,6 +289,13 @@ class WyomingHandler:
         except AudioFormatError as err:
             request.audio = None
             await self._refuse_stream(f"audio-start: {err}")
+            return
+        live = self._service.live_settings()
+        request.streaming = live.partial_interval_s > 0
+        if live.active:
+            request.live = LiveRequest(
+                self._service, request.language, live, on_partial=lambda text: self._send_partial(request, text)
+            )
 
     async def _on_audio_chunk(self, event: Event) -> None:
         request = self._request
@@ -300,7 +319,8 @@ class WyomingHandler:
         except AudioFormatError as err:
             await self._refuse_stream(f"audio-chunk: {err}")
             return
-        if request.audio.full:
+        ended = request.live is not None and request.live.hear(request.audio.take_new())
+        if ended or request.audio.full:
             await self._submit(request)
 
     async def _on_audio_stop(self) -> None:
@@ -321,19 +341,25 @@ class WyomingHandler:
         request.submitted = True
         if self._answer is not None:
             await asyncio.shield(self._answer)
-        assert request.audio is not None  # noqa: S101 - only collecting requests are submitted
-        self._answer = asyncio.create_task(self._transcribe(request.audio, request.language))
+        self._answer = asyncio.create_task(self._transcribe(request))
         self._answer.add_done_callback(lambda _: self._rearm_idle())
 
-    async def _transcribe(self, audio_buffer: AudioBuffer, language: str | None) -> None:
+    async def _transcribe(self, request: _Request) -> None:
         """Transcribe and answer; cancelled when the client leaves, which drops the job if it has not started."""
+        audio_buffer = request.audio
+        assert audio_buffer is not None  # noqa: S101 - only collecting requests are submitted
         audio = audio_buffer.finish()
         seconds = len(audio) / 16_000
         started = time.monotonic()
         model = "-"
         try:
-            result, model = await self._service.transcribe(audio, language)
+            if request.live is not None:
+                result, model = await request.live.final(audio)
+            else:
+                result, model = await self._service.transcribe(audio, request.language)
         except asyncio.CancelledError:
+            if request.live is not None:
+                request.live.close()
             self._service.record("disconnected", seconds, time.monotonic() - started)
             self._log(seconds, time.monotonic() - started, model=model, outcome="disconnected", note=_LEFT_WAITING)
             raise
@@ -353,7 +379,22 @@ class WyomingHandler:
         self._service.record(outcome, seconds, elapsed)
         note = f"stopped at the {self._service.max_audio_seconds():g} s limit" if audio_buffer.truncated else ""
         self._log(seconds, elapsed, model=model, outcome=outcome, note=note, text=result.text)
+        if request.streaming:
+            await self._start_stream(request)
         await self._write(Transcript(text=result.text, language=result.language).event())
+        if request.streaming:
+            await self._write(TranscriptStop().event())
+
+    async def _send_partial(self, request: _Request, text: str) -> None:
+        """The text so far, while the audio still arrives (streaming clients show it; others skip it)."""
+        if request.collecting and request.streaming:
+            await self._start_stream(request)
+            await self._write(TranscriptChunk(text=text).event())
+
+    async def _start_stream(self, request: _Request) -> None:
+        if not request.stream_started:
+            request.stream_started = True
+            await self._write(TranscriptStart(language=request.language).event())
 
     async def _refuse(self, code: str, message: str) -> None:
         """Refuse the current request: tell the client now, drop its audio until the next request."""
@@ -367,6 +408,9 @@ class WyomingHandler:
         """Refuse the current audio stream: its audio is dropped; a corrected audio-start may follow."""
         assert self._request is not None  # noqa: S101
         self._request.stream_refused = True
+        if self._request.live is not None:
+            self._request.live.close()
+            self._request.live = None
         self._service.record("invalid", 0.0, 0.0)
         self._log(0.0, 0.0, model="-", outcome="invalid", note=message)
         await self._send_error("invalid_audio_format", message)
@@ -374,6 +418,8 @@ class WyomingHandler:
     def _abandon(self, why: str) -> None:
         """A request that never reached audio-stop: count it once, as the client going away."""
         request, self._request = self._request, None
+        if request is not None and request.live is not None and not request.submitted:
+            request.live.close()
         if request is not None and request.collecting:
             assert request.audio is not None  # noqa: S101
             seconds = request.audio.seconds
@@ -389,6 +435,7 @@ class WyomingHandler:
 
     def _info(self) -> Info:
         model, languages = self._service.describe_model()
+        live = self._service.live_settings()
         return Info(
             asr=[
                 AsrProgram(
@@ -407,8 +454,8 @@ class WyomingHandler:
                             version=None,
                         )
                     ],
-                    supports_transcript_streaming=False,
-                    requires_external_vad=True,
+                    supports_transcript_streaming=live.partial_interval_s > 0,
+                    requires_external_vad=live.endpoint is None,
                 )
             ]
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,6 +23,7 @@ from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
 from wyoming.event import Event
 
+STREAMING_EVENT = re.compile(r"^transcript-(start|chunk|stop)$")
 TOKEN = "test-token-0123456789abcdef"  # noqa: S105 - a test credential
 READY_TIMEOUT_S = 180.0
 
@@ -199,6 +201,14 @@ async def transcribe(
             chunk = AudioChunk(rate=rate, width=width, channels=channels, audio=audio[start : start + step])
             await client.write_event(chunk.event())
         await client.write_event(AudioStop().event())
-        event = await asyncio.wait_for(client.read_event(), timeout=120)
-        assert event is not None, "the server closed the connection without an answer"
-        return event
+        return await read_answer(client)
+
+
+async def read_answer(client: AsyncTcpClient, timeout: float = 120) -> Event:
+    """The transcript or error that answers a request, past the streaming events around it (as clients do)."""
+    async with asyncio.timeout(timeout):
+        while (event := await client.read_event()) is not None:
+            if not STREAMING_EVENT.match(event.type):
+                return event
+    msg = "the server closed the connection without an answer"
+    raise AssertionError(msg)

@@ -1,0 +1,162 @@
+"""One request followed while its audio arrives: where the command ends, and the text before it ends.
+
+When the speaker pauses, the audio so far is transcribed at once, below other clients' final transcripts in
+priority; if speech resumes that work is dropped, and when the pause turns out to be the end of the command its
+text is usually ready already. While the speaker talks, partial transcripts are made the same way, at most one
+at a time. Nothing here knows the Wyoming protocol: the handler decides what goes to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from .endpoint import SAMPLE_RATE, Endpointer, EndpointSettings, SpeechEvent
+from .engine import TranscriptResult
+from .inference import Urgency
+
+_LOGGER = logging.getLogger(__name__)
+# With less speech than this, Whisper guesses wildly at audio cut off mid-sentence (measured on base and tiny.en).
+_MIN_PARTIAL_SPEECH_S = 2.0
+
+
+class Transcriber(Protocol):
+    """What a live request needs from the service."""
+
+    async def transcribe(
+        self, audio: np.ndarray, language: str | None, *, urgency: Urgency | None = None
+    ) -> tuple[TranscriptResult, str]:
+        """Transcribe 16 kHz mono audio; the result and the model's name."""
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    """How a request is followed: end-of-command detection (None: off) and partial transcripts (0: off)."""
+
+    endpoint: EndpointSettings | None
+    partial_interval_s: float
+
+    @property
+    def active(self) -> bool:
+        """Whether there is anything to follow."""
+        return self.endpoint is not None or self.partial_interval_s > 0
+
+
+class LiveRequest:
+    """The audio of one request as it arrives, with the speculative and partial work done on it."""
+
+    def __init__(
+        self,
+        service: Transcriber,
+        language: str | None,
+        settings: LiveSettings,
+        on_partial: Callable[[str], Awaitable[None]],
+    ) -> None:
+        self._service = service
+        self._language = language
+        self._settings = settings
+        self._on_partial = on_partial
+        self._endpointer = Endpointer(settings.endpoint) if settings.endpoint else None
+        self._pieces: list[np.ndarray] = []
+        self._samples = 0
+        self._speculation: asyncio.Task[tuple[TranscriptResult, str]] | None = None
+        self._speculation_urgency = Urgency(background=True)
+        self._partial: asyncio.Task[None] | None = None
+        self._partial_at = 0
+        self._last_partial = ""
+
+    @property
+    def ended(self) -> bool:
+        """The speaker has been silent long enough after speaking: the command is over."""
+        return self._endpointer is not None and self._endpointer.ended
+
+    def hear(self, audio: np.ndarray) -> bool:
+        """Take newly arrived audio; True when it ended the command."""
+        if self.ended or not len(audio):
+            return self.ended
+        self._pieces.append(audio)
+        self._samples += len(audio)
+        for event in self._endpointer.feed(audio) if self._endpointer else ():
+            if event is SpeechEvent.PAUSE:
+                self._speculate()
+            elif event is SpeechEvent.SPEECH:
+                self._drop_speculation()
+        if not self.ended:
+            self._maybe_partial()
+        return self.ended
+
+    async def final(self, audio: np.ndarray) -> tuple[TranscriptResult, str]:
+        """The request's transcript: the speculative one when no speech came after its pause, else a new one."""
+        self._drop_partial()
+        speculation = self._speculation
+        if speculation is not None and not speculation.cancelled():
+            self._speculation_urgency.background = False  # it is somebody's final answer now
+            try:
+                return await speculation
+            except asyncio.CancelledError:
+                if not speculation.cancelled():
+                    raise  # the caller itself was cancelled
+        return await self._service.transcribe(audio, self._language)
+
+    def close(self) -> None:
+        """Drop background work that nobody will read."""
+        self._drop_partial()
+        self._drop_speculation()
+
+    def _audio(self) -> np.ndarray:
+        if len(self._pieces) > 1:
+            self._pieces = [np.concatenate(self._pieces)]
+        return self._pieces[0]
+
+    def _speculate(self) -> None:
+        """The speaker paused: transcribe what they said so far, in case this is the end."""
+        self._drop_speculation()
+        self._drop_partial()
+        self._speculation_urgency = Urgency(background=True)
+        self._speculation = asyncio.create_task(
+            self._service.transcribe(self._audio(), self._language, urgency=self._speculation_urgency)
+        )
+
+    def _drop_speculation(self) -> None:
+        if self._speculation is not None and not self._speculation.done():
+            self._speculation.cancel()
+        self._speculation = None
+
+    def _maybe_partial(self) -> None:
+        """Start a partial transcript when enough new speech came and nothing else is being transcribed."""
+        interval = self._settings.partial_interval_s
+        if interval <= 0 or (self._partial is not None and not self._partial.done()) or self._speculation:
+            return
+        if self._endpointer is not None and self._endpointer.speech_seconds < _MIN_PARTIAL_SPEECH_S:
+            return
+        if (self._samples - self._partial_at) / SAMPLE_RATE < interval:
+            return
+        self._partial_at = self._samples
+        mid_word = self._endpointer is None or self._endpointer.in_speech
+        self._partial = asyncio.create_task(self._make_partial(self._audio(), mid_word=mid_word))
+
+    async def _make_partial(self, audio: np.ndarray, *, mid_word: bool) -> None:
+        try:
+            result, _ = await self._service.transcribe(audio, self._language, urgency=Urgency(background=True))
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a partial transcript is a courtesy; the final one reports errors
+            _LOGGER.debug("Partial transcript failed: %s", err)
+            return
+        text = result.text.strip()
+        if mid_word:
+            # Audio cut in the middle of speech ends in half a word, which Whisper guesses at: hold it back.
+            text = text.rpartition(" ")[0].rstrip(",;:")
+        if text and text != self._last_partial and not self.ended:
+            self._last_partial = text
+            await self._on_partial(text)
+
+    def _drop_partial(self) -> None:
+        if self._partial is not None and not self._partial.done():
+            self._partial.cancel()
+        self._partial = None
