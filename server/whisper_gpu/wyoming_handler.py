@@ -158,7 +158,8 @@ class _Request:
     `stream_refused`: the audio stream was refused (its format); a corrected `audio-start` retries.
     `submitted`: its audio went to the model; later audio of the same stream is dropped.
     `live`: follows the audio as it arrives (end of speech, partial transcripts) when the settings ask for it.
-    `streaming`: the client is sent transcript-start, transcript-chunk..., transcript, transcript-stop.
+    `streaming`: partial text goes to the client (transcript-start, transcript-chunk...; after the final transcript,
+    transcript-stop); a request answered before any partial gets the transcript alone, as from a non-streaming server.
     """
 
     language: str | None
@@ -379,10 +380,8 @@ class WyomingHandler:
         self._service.record(outcome, seconds, elapsed)
         note = f"stopped at the {self._service.max_audio_seconds():g} s limit" if audio_buffer.truncated else ""
         self._log(seconds, elapsed, model=model, outcome=outcome, note=note, text=result.text)
-        if request.streaming:
-            await self._start_stream(request)
         await self._write(Transcript(text=result.text, language=result.language).event())
-        if request.streaming:
+        if request.stream_started:
             await self._write(TranscriptStop().event())
 
     async def _send_partial(self, request: _Request, text: str) -> None:
