@@ -16,6 +16,7 @@ from homeassistant.const import CONF_HOST, CONF_TOKEN
 from homeassistant.core import callback
 from homeassistant.data_entry_flow import section
 from homeassistant.helpers.selector import (
+    BooleanSelector,
     NumberSelector,
     NumberSelectorConfig,
     NumberSelectorMode,
@@ -355,7 +356,8 @@ def _setting_selector(name: str, info: ServerInfo, settings: Mapping[str, Any]) 
         return _select(["auto", *(t for t in info.compute_types if t != "auto")])
     if name == SETTING_LANGUAGE:
         return _select(info.languages)
-
+    if info.settings_schema[name].get("type") == "boolean":
+        return BooleanSelector()
     return _number_selector(name, info.settings_schema[name])
 
 

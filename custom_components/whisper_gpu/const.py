@@ -26,6 +26,8 @@ SETTING_VAD_THRESHOLD: Final = "vad_threshold"
 SETTING_MIN_SPEECH_DURATION_MS: Final = "min_speech_duration_ms"
 SETTING_MAX_SPEECH_DURATION_S: Final = "max_speech_duration_s"
 SETTING_SPEECH_PAD_MS: Final = "speech_pad_ms"
+SETTING_ENDPOINTING: Final = "endpointing"
+SETTING_END_OF_SPEECH_S: Final = "end_of_speech_s"
 
 SECTION_MODEL: Final = "model_settings"
 SECTION_DECODING: Final = "decoding"
@@ -35,6 +37,8 @@ OPTION_SECTIONS: Final[dict[str, tuple[str, ...]]] = {
     SECTION_MODEL: (SETTING_MODEL, SETTING_COMPUTE_TYPE),
     SECTION_DECODING: (SETTING_LANGUAGE, SETTING_BEAM_SIZE),
     SECTION_VAD: (
+        SETTING_ENDPOINTING,
+        SETTING_END_OF_SPEECH_S,
         SETTING_VAD_THRESHOLD,
         SETTING_MIN_SPEECH_DURATION_MS,
         SETTING_MAX_SPEECH_DURATION_S,

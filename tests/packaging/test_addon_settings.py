@@ -13,7 +13,7 @@ KINDS = {"int": int, "float": float, "bool": bool, "str": str, "list": str}
 # What an add-on user must be able to set, and what the add-on decides for them.
 USER_FACING = {
     "model", "language", "compute_type", "beam_size", "vad_threshold", "min_speech_duration_ms",
-    "max_speech_duration_s", "speech_pad_ms", "log_transcripts",
+    "max_speech_duration_s", "speech_pad_ms", "endpointing", "end_of_speech_s", "log_transcripts",
 }  # fmt: skip
 NOT_OPTIONS = {"wyoming_port", "control_port", "host", "data_dir", "control_token", "control_token_file", "device"}
 CPU_COMPUTE_TYPES = {"auto", "int8", "int8_float32", "float32"}
