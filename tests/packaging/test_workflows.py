@@ -216,8 +216,32 @@ def test_pypi_gets_the_sdist_and_wheel_by_trusted_publishing_after_the_images() 
 
 
 def docker_build(job: dict[str, Any]) -> dict[str, Any]:
-    (step,) = uses(job, "docker/build-push-action")
+    """The inputs of the job's build that pushes."""
+    (step,) = [step for step in uses(job, "docker/build-push-action") if step["with"].get("push") is True]
     return dict(step["with"])
+
+
+def smoke_tested(job: dict[str, Any]) -> bool:
+    """The job loads its image and runs it before the push."""
+    builds = uses(job, "docker/build-push-action")
+    loaded = [index for index, step in enumerate(steps(job)) if step in builds and step["with"].get("load") is True]
+    pushed = [index for index, step in enumerate(steps(job)) if step in builds and step["with"].get("push") is True]
+    if not loaded or not pushed:
+        return False
+    tag = steps(job)[loaded[0]]["with"]["tags"]
+    between = steps(job)[loaded[0] + 1 : pushed[0]]
+    return any(tag in step.get("run", "") and "--version" in step.get("run", "") for step in between)
+
+
+def test_every_image_is_smoke_tested_before_it_is_pushed() -> None:
+    pushing = [job for job in release_jobs().values() if uses(job, "docker/build-push-action")]
+    assert len(pushing) == 2
+    for job in pushing:
+        assert smoke_tested(job), job["name"]
+        loaded = [s["with"] for s in uses(job, "docker/build-push-action") if s["with"].get("load")]
+        pushed = docker_build(job)
+        same = ("context", "file", "build-args")
+        assert {k: loaded[0].get(k) for k in same} == {k: pushed.get(k) for k in same}, "the tested image is pushed"
 
 
 def test_server_images_are_the_ones_the_kubernetes_overlays_pull() -> None:
