@@ -128,3 +128,19 @@ def test_the_model_extras_are_said_to_be_third_party_and_checked() -> None:
             package = requirement.rsplit("-", 1)[0] if requirement.endswith(("-1", "-2")) else requirement
             assert package in models, f"the README names the third-party package {requirement}"
     assert "sha256" in models
+
+
+def test_the_mdns_table_says_what_the_images_and_the_deployment_set() -> None:
+    table = section(REPO / "docs" / "deploy.md", "Zeroconf (mDNS)")
+    rows = dict(re.findall(r"^\| ([^|]+?) \| (yes|no)\b", table, re.MULTILINE))
+    deployment = load_yaml(KUSTOMIZE / "base" / "deployment.yaml")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert (env["ZEROCONF"], rows["Kubernetes"]) == ("off", "no")
+    dockerfile = (REPO / "server" / "Dockerfile").read_text(encoding="utf-8")
+    assert ("ZEROCONF=off" in dockerfile, rows["Docker"]) == (True, "no")
+    addon_dockerfile = (ADDON / "Dockerfile").read_text(encoding="utf-8")
+    assert ("WHISPER_GPU_ZEROCONF=off" in addon_dockerfile, rows["the add-on"]) == (True, "no")
+    settings = pytest.importorskip("whisper_gpu.settings")
+    announces = settings.SETTINGS["zeroconf"].default != "off"
+    assert (announces, rows["`pip install`, `whisper-gpu` on a machine in Home Assistant's network"]) == (True, "yes")
