@@ -120,6 +120,14 @@ def test_permissions_are_the_least_each_job_needs(path: Path) -> None:
         assert writes == needed, f"{path.name}: job {name} may write {sorted(writes)}, needs {sorted(needed)}"
 
 
+@pytest.mark.parametrize("path", [CI, RELEASE], ids=lambda path: path.name)
+def test_checkouts_leave_no_token_behind(path: Path) -> None:
+    """Later steps (and the images built from the checkout) must not find the job's token in .git/config."""
+    for name, job in workflow(path)["jobs"].items():
+        for step in uses(job, "actions/checkout"):
+            assert step.get("with", {}).get("persist-credentials") is False, f"{path.name}: job {name}"
+
+
 # ---- CI ----------------------------------------------------------------------------------------------------------
 
 
