@@ -147,9 +147,7 @@ def test_ci_runs_the_tests_and_linters_on_pushes_and_pull_requests() -> None:
     assert floor
     assert floor.group(1) in versions, "the oldest Python the server supports"
     assert any(version.startswith("3.14") for version in versions), "Home Assistant's Python, for scripts/ha-env"
-    test_extra = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"][
-        "optional-dependencies"
-    ]["test"]
+    test_extra = tomllib.loads(pyproject)["project"]["optional-dependencies"]["test"]
     assert any(requirement.startswith("actionlint") for requirement in test_extra), "test_actionlint must not skip"
 
 
