@@ -109,6 +109,8 @@ async def test_options_follow_the_server(
             "compute_type",
             "language",
             "beam_size",
+            "endpointing",
+            "end_of_speech_s",
             "vad_threshold",
             "min_speech_duration_ms",
             "max_speech_duration_s",

@@ -6,6 +6,7 @@ import pytest
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType, section
+from homeassistant.helpers.selector import BooleanSelector
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.whisper_gpu.const import DOMAIN
@@ -23,7 +24,14 @@ def form_input(settings: dict[str, Any], **changes: Any) -> dict[str, dict[str, 
         "decoding": {name: values[name] for name in ("language", "beam_size")},
         "voice_activity_detection": {
             name: values[name]
-            for name in ("vad_threshold", "min_speech_duration_ms", "max_speech_duration_s", "speech_pad_ms")
+            for name in (
+                "endpointing",
+                "end_of_speech_s",
+                "vad_threshold",
+                "min_speech_duration_ms",
+                "max_speech_duration_s",
+                "speech_pad_ms",
+            )
         },
     }
 
@@ -49,6 +57,8 @@ async def test_options_form_is_built_from_the_server(
         "compute_type",
         "language",
         "beam_size",
+        "endpointing",
+        "end_of_speech_s",
         "vad_threshold",
         "min_speech_duration_ms",
         "max_speech_duration_s",
@@ -63,15 +73,17 @@ async def test_options_form_is_built_from_the_server(
     assert beam_key.description == {"suggested_value": settings["beam_size"]}
     vad_selector = fields["vad_threshold"][1]
     assert (vad_selector.config["min"], vad_selector.config["max"], vad_selector.config["mode"]) == (0, 1, "slider")
+    assert isinstance(fields["endpointing"][1], BooleanSelector)
+    end_selector = fields["end_of_speech_s"][1]
+    assert (end_selector.config["min"], end_selector.config["max"]) == (0.2, 5.0)
 
-    result = await hass.config_entries.options.async_configure(
-        result["flow_id"], form_input(settings, beam_size=3, vad_threshold=0.4, speech_pad_ms=300)
-    )
+    changes = {"beam_size": 3, "vad_threshold": 0.4, "speech_pad_ms": 300, "endpointing": False, "end_of_speech_s": 0.8}
+    result = await hass.config_entries.options.async_configure(result["flow_id"], form_input(settings, **changes))
     await hass.async_block_till_done()
 
     assert result["type"] is FlowResultType.CREATE_ENTRY
     new_settings = server.settings()
-    assert (new_settings["beam_size"], new_settings["vad_threshold"], new_settings["speech_pad_ms"]) == (3, 0.4, 300)
+    assert {name: new_settings[name] for name in changes} == changes
     assert config_entry.options == result["data"]
     assert config_entry.options["beam_size"] == 3
     assert type(config_entry.options["speech_pad_ms"]) is int
