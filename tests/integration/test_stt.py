@@ -118,3 +118,33 @@ async def test_assist_pipeline(hass: HomeAssistant, config_entry: MockConfigEntr
     assert intent_start.data is not None
     assert words(intent_start.data["intent_input"]) == UTTERANCE
     assert PipelineEventType.INTENT_END in by_type
+
+
+async def microphone(pcm: bytes, chunk_bytes: int = 2048) -> AsyncGenerator[bytes]:
+    """Speech, then silence for ever, at the pace a microphone makes them."""
+    seconds_per_chunk = chunk_bytes / 32_000
+    for start in range(0, len(pcm), chunk_bytes):
+        yield pcm[start : start + chunk_bytes]
+        await asyncio.sleep(seconds_per_chunk)
+    while True:
+        yield bytes(chunk_bytes)
+        await asyncio.sleep(seconds_per_chunk)
+
+
+async def test_the_server_ends_the_command_while_the_microphone_still_streams(
+    hass: HomeAssistant, server: WhisperGpuServer, config_entry: MockConfigEntry, speech_pcm: bytes
+) -> None:
+    """Home Assistant runs no VAD for this entity: the text comes back soon after the speech, audio still flowing."""
+    await setup_entry(hass, config_entry)
+    entity = stt.async_get_speech_to_text_entity(hass, ENTITY_ID)
+    assert entity is not None
+    assert entity.audio_processing.requires_external_vad is False
+    speech_s = len(speech_pcm) / 32_000
+
+    started = asyncio.get_running_loop().time()
+    async with asyncio.timeout(speech_s + 5):
+        result = await entity.internal_async_process_audio_stream(metadata(), microphone(speech_pcm))
+
+    assert result.result is stt.SpeechResultState.SUCCESS
+    assert words(result.text) == UTTERANCE
+    assert asyncio.get_running_loop().time() - started < speech_s + 2.5
