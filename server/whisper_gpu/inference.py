@@ -61,7 +61,7 @@ class InferenceQueue:
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, wait=True)  # the job in flight ends off the event loop
 
     async def transcribe(self, engine: WhisperEngine, audio: np.ndarray, options: DecodeOptions) -> TranscriptResult:
         """Queue one request and wait for its transcript; cancelling drops it if it has not started."""

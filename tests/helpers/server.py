@@ -74,6 +74,7 @@ class ServerProcess:
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     token: str | None = TOKEN
+    offline: bool = True
     wyoming_port: int = field(default_factory=free_port)
     control_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
@@ -103,8 +104,9 @@ class ServerProcess:
             str(self.data_dir),
             "--zeroconf",
             "off",
-            "--offline",
         ]
+        if self.offline:
+            command.append("--offline")
         if self.model:
             command += ["--model", self.model]
         if self.token:
