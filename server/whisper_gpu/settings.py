@@ -20,7 +20,7 @@ from typing import Any
 import voluptuous as vol
 from faster_whisper.tokenizer import _LANGUAGE_CODES
 
-from .models import is_known_model, looks_like_model_reference
+from .models import is_known_model, is_model_path, looks_like_model_reference
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -596,8 +596,12 @@ class SettingsStore:
                 boot_value,
             )
             return False
+        value = entry["value"]
+        if name == "model" and isinstance(value, str) and is_model_path(value) and not self._boot["allow_model_paths"]:
+            _LOGGER.warning("Dropping stored model %s: a directory, and ALLOW_MODEL_PATHS is off", value)
+            return False
         try:
-            SETTINGS[name].validate(entry["value"])
+            SETTINGS[name].validate(value)
         except SettingError as err:
             _LOGGER.warning("Dropping stored setting %s: %s", name, err.message)
             return False

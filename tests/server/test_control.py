@@ -521,6 +521,13 @@ async def test_model_paths_through_the_api_only_when_the_operator_allows_them(
     assert (status, body["reload"]) == (200, True)
     await wait_for_state(http, server, serving(str(directory), "int8"))
     assert await say(server, kitchen) == normalize(kitchen.text)
+    assert server.stop() == 0
+
+    # Allowed no more: the stored directory is dropped at the next start, and the boot model serves.
+    again = start_server(data_dir=server.data_dir, args=["--compute-type", "int8"])
+    _, body = await get(http, again, "/api/v1/settings")
+    assert (body["settings"]["model"], body["source"]["model"]) == ("tiny.en", "flag")
+    assert f"Dropping stored model {directory}: a directory, and ALLOW_MODEL_PATHS is off" in again.log()
 
 
 async def test_offered_compute_types_are_exactly_those_accepted(
