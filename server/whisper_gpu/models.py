@@ -487,7 +487,7 @@ def _stop_child(child: Any) -> None:
 def _download_in_child(repo_id: str, staging: str, connection: Connection) -> None:
     """In the child process: plan the download, wait for the go-ahead, fetch; every outcome is one message."""
     from huggingface_hub import snapshot_download  # noqa: PLC0415
-    from huggingface_hub.errors import DryRunError, HfHubHTTPError  # noqa: PLC0415
+    from huggingface_hub.errors import DryRunError  # noqa: PLC0415
 
     try:
         plan = snapshot_download(repo_id, local_dir=staging, allow_patterns=HUB_FILE_PATTERNS, dry_run=True)
@@ -499,7 +499,7 @@ def _download_in_child(repo_id: str, staging: str, connection: Connection) -> No
         connection.send(("done", ""))
     except DryRunError as err:
         connection.send(_classify_hub_error(err.__cause__ or err))
-    except (HfHubHTTPError, OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - whatever the hub client raises becomes the parent's error message
         connection.send(_classify_hub_error(err))
 
 

