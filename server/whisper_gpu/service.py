@@ -158,9 +158,14 @@ class LoadJournal:
             _LOGGER.warning("%s", message)
             return fallback, {"code": "load_interrupted", "message": message}
         if interrupted:
+            retry = (
+                "no other model has loaded here, so it is tried again"
+                if interrupted == plan.describe()
+                else f"that change was not kept and {plan.model} loads"
+            )
             message = (
                 f"The server stopped while loading {interrupted['name']} ({interrupted['compute_type']}) last "
-                f"time, perhaps out of memory; that change was not kept and {plan.model} loads"
+                f"time, perhaps out of memory; {retry}"
             )
             _LOGGER.warning("%s", message)
             return plan, {"code": "load_interrupted", "message": message}
