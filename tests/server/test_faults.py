@@ -270,5 +270,5 @@ def test_a_download_that_would_fill_the_disk_is_refused_before_it_fetches_anythi
         assert not list((data_dir / ".cache" / "models").iterdir())
     assert result.returncode == 1
     assert re.search(
-        r"someone/whisper-tiny-en needs 79 MB on disk \(plus 100 MB kept free\), and only 1[45]\d MB", (result.stderr)
+        r"someone/whisper-tiny-en needs 79 MB on disk \(plus 100 MB kept free\), and only 1[45]\d MB", result.stderr
     )
