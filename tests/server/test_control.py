@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -305,10 +306,10 @@ async def test_hot_switch_while_transcribing_loses_no_request(
     assert body["reload"] is True
     status, conflict = await patch(http, server, {"beam_size": 3})
     assert (status, conflict) == (409, {"error": "reload_in_progress"})
-    during = await wait_for_state(
-        http, server, lambda status: status["target"] is not None or status["model"]["name"] == after[0]
-    )
-    assert during["model"] is not None  # the old model keeps serving while the new one loads
+    # While the new model loads, the old one (the boot model with the boot compute type) keeps serving.
+    during = await wait_for_state(http, server, lambda status: status["target"] is not None, timeout=30)
+    assert (during["model"]["name"], during["model"]["compute_type"]) == boot
+    assert (during["target"]["name"], during["target"]["compute_type"]) == after
     await wait_for_state(http, server, serving(*after))
     await asyncio.sleep(0.5)
     stop.set()
@@ -392,3 +393,173 @@ async def test_changes_persist_across_restarts_unless_the_boot_value_changed(
     assert (body["settings"]["vad_threshold"], body["source"]["vad_threshold"]) == (0.3, "api")
     assert body["settings"]["model"] == "base"  # MODEL's boot value (the flag) did not change
     assert "Dropping stored beam_size=4" in third.log()
+
+
+async def test_a_failed_switch_takes_back_the_whole_change(
+    start_server: Callable[..., ServerProcess], http: aiohttp.ClientSession, kitchen: Utterance
+) -> None:
+    server = start_server(args=["--compute-type", "int8"])
+    _, before = await get(http, server, "/api/v1/settings")
+    status, body = await patch(http, server, {"model": "nobody/x", "language": "de", "beam_size": 2})
+    assert (status, body["reload"]) == (200, True)
+    failed = await wait_for_state(http, server, lambda status: status["state"] == "failed")
+    assert failed["error"]["code"] == "download_failed"
+    _, after = await get(http, server, "/api/v1/settings")
+    assert after == before  # model, language and beam size: none of the change stays
+    stored = server.data_dir / "settings.json"
+    assert not stored.exists() or json.loads(stored.read_text())["overrides"] == {}
+    assert await say(server, kitchen) == normalize(kitchen.text)
+    status, body = await patch(http, server, {"beam_size": 3})
+    assert (status, body["changed"]) == (200, ["beam_size"])
+
+
+def raw_patch(http: aiohttp.ClientSession, server: ServerProcess, raw: bytes, query: str = "") -> Any:
+    return http.patch(server.control_url + "/api/v1/settings" + query, data=raw, headers=AUTH)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" * 30_000 + b"]" * 30_000,
+        b'{"beam_size": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",
+        b'{"beam_size": ' + b"9" * 5000 + b"}",
+        b'{"vad_threshold": NaN}',
+        b'{"vad_threshold": Infinity}',
+        b'{"vad_threshold": -Infinity}',
+    ],
+    ids=["nested-array", "nested-value", "5000-digits", "nan", "infinity", "minus-infinity"],
+)
+async def test_hostile_json_is_refused_with_a_code_and_no_traceback(
+    whisper_server: ServerProcess, http: aiohttp.ClientSession, raw: bytes
+) -> None:
+    _, before = await get(http, whisper_server, "/api/v1/settings")
+    async with raw_patch(http, whisper_server, raw) as response:
+        assert response.status == 400
+        assert await response.json() == {"errors": {"base": "invalid_json"}}
+    assert (await get(http, whisper_server, "/api/v1/settings"))[1] == before
+    assert "Traceback" not in whisper_server.log()
+    assert (await get(http, whisper_server, "/healthz"))[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "errors"),
+    [
+        ({"beam_size": True}, {"beam_size": "invalid_value"}),
+        ({"vad_threshold": True}, {"vad_threshold": "invalid_value"}),
+        ({"max_audio_s": False}, {"max_audio_s": "invalid_value"}),
+        ({"log_transcripts": 1}, {"log_transcripts": "invalid_value"}),
+        ({"beam_size": None}, {"beam_size": "invalid_value"}),
+        ({"beam_size": 3, "surprise": 1}, {"surprise": "unknown_field"}),
+        ({"model": "a/.."}, {"model": "unknown_model"}),
+        ({"model": "/etc"}, {"model": "path_not_allowed"}),
+        ({"model": "/no/such/directory"}, {"model": "path_not_allowed"}),
+        ({"model": "~/models"}, {"model": "path_not_allowed"}),
+        ({"model": "../../"}, {"model": "path_not_allowed"}),
+        ({"compute_type": "int16"}, {"compute_type": "invalid_value"}),
+    ],
+)
+async def test_values_of_the_wrong_kind_are_refused_and_change_nothing(
+    whisper_server: ServerProcess, http: aiohttp.ClientSession, body: dict[str, Any], errors: dict[str, str]
+) -> None:
+    _, before = await get(http, whisper_server, "/api/v1/settings")
+    assert await patch(http, whisper_server, body) == (400, {"errors": errors})
+    assert (await get(http, whisper_server, "/api/v1/settings"))[1] == before
+
+
+@pytest.mark.parametrize("query", ["?token=", "?access_token=", "?authorization=Bearer%20"])
+async def test_a_token_in_the_query_string_is_not_accepted(
+    whisper_server: ServerProcess, http: aiohttp.ClientSession, query: str
+) -> None:
+    _, before = await get(http, whisper_server, "/api/v1/settings")
+    async with http.patch(
+        whisper_server.control_url + "/api/v1/settings" + query + TOKEN, json={"beam_size": 1}
+    ) as response:
+        assert (response.status, await response.json()) == (401, {"error": "unauthorized"})
+    async with http.get(whisper_server.control_url + "/api/v1/auth" + query + TOKEN) as response:
+        assert response.status == 401
+    assert (await get(http, whisper_server, "/api/v1/settings"))[1] == before
+    assert TOKEN not in whisper_server.log()
+
+
+async def test_concurrent_changes_all_land_and_agree_with_the_file(
+    start_server: Callable[..., ServerProcess], http: aiohttp.ClientSession
+) -> None:
+    server = start_server(args=["--compute-type", "int8"])
+    answers = await asyncio.gather(*(patch(http, server, {"beam_size": size}) for size in range(1, 11)))
+    assert [status for status, _ in answers] == [200] * 10
+    _, body = await get(http, server, "/api/v1/settings")
+    stored = json.loads((server.data_dir / "settings.json").read_text())["overrides"]
+    assert stored["beam_size"]["value"] == body["settings"]["beam_size"]
+    assert body["settings"]["beam_size"] in range(1, 11)
+
+
+async def test_concurrent_reloads_start_one_and_refuse_the_rest(
+    start_server: Callable[..., ServerProcess], http: aiohttp.ClientSession, kitchen: Utterance
+) -> None:
+    server = start_server(args=["--compute-type", "int8"])
+    answers = await asyncio.gather(
+        *(patch(http, server, {"compute_type": "float32", "beam_size": size}) for size in range(1, 7))
+    )
+    accepted = [body for status, body in answers if status == 200]
+    assert len(accepted) == 1
+    assert sorted(status for status, _ in answers) == [200] + [409] * 5
+    assert all(body == {"error": "reload_in_progress"} for status, body in answers if status == 409)
+    await wait_for_state(http, server, serving("tiny.en", "float32"))
+    _, body = await get(http, server, "/api/v1/settings")
+    assert body["settings"]["beam_size"] == accepted[0]["settings"]["beam_size"]
+    assert await say(server, kitchen) == normalize(kitchen.text)
+    assert TOKEN not in server.log()
+
+
+async def test_model_paths_through_the_api_only_when_the_operator_allows_them(
+    start_server: Callable[..., ServerProcess], http: aiohttp.ClientSession, kitchen: Utterance, tmp_path: Any
+) -> None:
+    server = start_server(args=["--compute-type", "int8", "--allow-model-paths"])
+    directory = server.data_dir / ".cache" / "models" / "tiny.en"
+    assert await patch(http, server, {"model": str(tmp_path)}) == (400, {"errors": {"model": "unknown_model"}})
+    status, body = await patch(http, server, {"model": str(directory)})
+    assert (status, body["reload"]) == (200, True)
+    await wait_for_state(http, server, serving(str(directory), "int8"))
+    assert await say(server, kitchen) == normalize(kitchen.text)
+    assert server.stop() == 0
+
+    # Allowed no more: the stored directory is dropped at the next start, and the boot model serves.
+    again = start_server(data_dir=server.data_dir, args=["--compute-type", "int8"])
+    _, body = await get(http, again, "/api/v1/settings")
+    assert (body["settings"]["model"], body["source"]["model"]) == ("tiny.en", "flag")
+    assert f"Dropping stored model {directory}: a directory, and ALLOW_MODEL_PATHS is off" in again.log()
+
+
+async def test_offered_compute_types_are_exactly_those_accepted(
+    start_server: Callable[..., ServerProcess], http: aiohttp.ClientSession
+) -> None:
+    """Every type `/api/v1/info` offers loads; a raw CTranslate2 type outside the schema is not offered."""
+    import ctranslate2  # noqa: PLC0415
+
+    server = start_server(args=["--compute-type", "int8"])
+    _, info = await get(http, server, "/api/v1/info")
+    offered = info["compute_types"]
+    runnable = set(ctranslate2.get_supported_compute_types("cpu"))
+    assert offered[0] == "auto"
+    assert set(offered[1:]) == runnable & set(info["settings"]["compute_type"]["choices"])
+    for compute_type in [*offered[1:], "auto"]:
+        status, body = await patch(http, server, {"compute_type": compute_type})
+        assert status == 200, (compute_type, body)
+        if body["reload"]:
+            await wait_for_state(http, server, lambda status: status["state"] == "ready" and not status["target"])
+    for refused in sorted(set(info["settings"]["compute_type"]["choices"]) - set(offered)):
+        status, body = await patch(http, server, {"compute_type": refused})
+        assert (status, body) == (400, {"errors": {"compute_type": "not_supported_on_device"}})
+
+
+def test_raw_ctranslate2_types_outside_the_schema_are_not_offered() -> None:
+    """CTranslate2 reports int16 on some CPUs (not this one, perhaps): the schema has no int16, so it is left out."""
+    from whisper_gpu.service import accepted_compute_types  # noqa: PLC0415
+
+    assert accepted_compute_types({"int16", "int8", "float32", "int8_float32"}) == [
+        "auto",
+        "int8_float32",
+        "int8",
+        "float32",
+    ]
+    assert accepted_compute_types({"float16", "int8_float16", "int16"})[:3] == ["auto", "float16", "int8_float16"]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
-from whisper_gpu import __version__
+from whisper_gpu import __version__, discovery
 from whisper_gpu.discovery import Announcer
+from zeroconf.asyncio import AsyncServiceInfo
 
 
 @pytest.mark.parametrize(
@@ -30,11 +33,36 @@ def test_announcement_carries_id_version_and_ports(mode: str, types: list[str]) 
         }
 
 
-async def test_off_announces_nothing() -> None:
-    announcer = Announcer("off", "0123456789abcdef", "0.0.0.0", 10300, 10301)
+class RecordingZeroconf:
+    """Stands in for AsyncZeroconf, which would multicast on every interface: it records what is registered."""
+
+    registered: ClassVar[list[str]] = []
+
+    def __init__(self, **_options: object) -> None:
+        pass
+
+    async def async_register_service(self, info: AsyncServiceInfo) -> None:
+        self.registered.append(info.type)
+
+    async def async_unregister_all_services(self) -> None:
+        pass
+
+    async def async_close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("mode", "announced"),
+    [("off", []), ("whisper-gpu", ["_whisper-gpu._tcp.local."])],
+)
+async def test_off_announces_nothing(monkeypatch: pytest.MonkeyPatch, mode: str, announced: list[str]) -> None:
+    """`off` registers no service at all; the `whisper-gpu` case shows the recorder would have seen one."""
+    monkeypatch.setattr(discovery, "AsyncZeroconf", RecordingZeroconf)
+    monkeypatch.setattr(RecordingZeroconf, "registered", [])
+    announcer = Announcer(mode, "0123456789abcdef", "192.0.2.7", 10300, 10301)
     await announcer.start()
-    assert announcer._zeroconf is None
     await announcer.close()
+    assert RecordingZeroconf.registered == announced
 
 
 def test_a_fixed_listen_address_is_the_announced_one() -> None:

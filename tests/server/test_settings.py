@@ -72,6 +72,13 @@ def test_the_seed_configmap_works_unchanged(start_server: Callable[..., ServerPr
         ([], {"OFFLINE": "maybe"}, "OFFLINE (--offline): must be true or false"),
         (["--wyoming-port", "70000"], {}, "WYOMING_PORT (--wyoming-port): must be an integer from 1 to 65535"),
         (["--zeroconf", "avahi"], {}, "ZEROCONF (--zeroconf): must be one of whisper-gpu, wyoming, off"),
+        (
+            ["--model-cache-limit-mb", "-1"],
+            {},
+            "MODEL_CACHE_LIMIT_MB (--model-cache-limit-mb): must be an integer of at least 0, got '-1'",
+        ),
+        ([], {"ALLOW_MODEL_PATHS": "sometimes"}, "ALLOW_MODEL_PATHS (--allow-model-paths): must be true or false"),
+        ([], {"MODEL": "/no/such/model"}, "MODEL (--model): must be a model name"),
     ],
 )
 def test_an_invalid_setting_stops_the_server_with_a_message(
