@@ -242,8 +242,11 @@ class WhisperGpuClient:
         if status == HTTPStatus.BAD_REQUEST and isinstance(body, dict):
             LOGGER.debug("PATCH %s refused: %s", dict(changes), body)
             raise WhisperGpuSettingsError(body.get("errors") or {"base": "unknown"})
-        if status in (HTTPStatus.CONFLICT, HTTPStatus.REQUEST_ENTITY_TOO_LARGE):
-            code = body.get("error") if isinstance(body, dict) else None
+        code = body.get("error") if isinstance(body, dict) else None
+        if status in (HTTPStatus.CONFLICT, HTTPStatus.REQUEST_ENTITY_TOO_LARGE) or (
+            # The server could not save the change (disk full or read-only) and so changed nothing.
+            status in (HTTPStatus.INSUFFICIENT_STORAGE, HTTPStatus.INTERNAL_SERVER_ERROR) and code == "save_failed"
+        ):
             raise WhisperGpuSettingsError({"base": code or "unknown"})
         raise WhisperGpuResponseError(f"PATCH /api/v1/settings answered {status}")
 

@@ -58,7 +58,9 @@ SETTINGS_ERROR_CODES: Final = frozenset(
         "not_supported_by_model",
         "not_supported_on_device",
         "out_of_range",
+        "path_not_allowed",
         "reload_in_progress",
+        "save_failed",
         "unknown_field",
         "unknown_model",
     }
