@@ -51,11 +51,11 @@ async def test_select_switches_model(
     assert SECOND_MODEL in state.attributes[ATTR_OPTIONS]
 
     await select_model(hass, SECOND_MODEL)
-    assert config_entry.options["model"] == SECOND_MODEL
     # The server's settings show the new model once it serves (a switch is all or nothing).
     server.wait_state("ready")
     assert server.settings()["model"] == SECOND_MODEL
     await poll(hass)
+    assert config_entry.options["model"] == SECOND_MODEL
 
     assert hass.states.get(SELECT_ENTITY_ID).state == SECOND_MODEL
     assert hass.states.get("sensor.whisper_gpu_loaded_model").state == SECOND_MODEL
