@@ -1,16 +1,19 @@
 """One inference thread fed by an arrival-ordered queue, so the event loop never waits on the model.
 
-Requests are taken in batches of the same engine; each waiting request costs others only its own audio's work.
+A request that finds the model idle starts at once, alone. Requests that arrive while a batch runs wait for it and
+then go together as the next batch (same engine, up to `max_batch`): the model does several at nearly the cost of
+one, and nobody waits for a batch to fill.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -25,6 +28,7 @@ class _Job:
     audio: np.ndarray
     options: DecodeOptions
     future: asyncio.Future[TranscriptResult] = field(repr=False)
+    queued_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -38,9 +42,15 @@ class _Task:
 class InferenceQueue:
     """Serialises model calls on a dedicated thread."""
 
-    def __init__(self, max_batch: int = 1, on_change: Callable[[int, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        max_batch: int = 1,
+        on_change: Callable[[int, int], None] | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
         self._max_batch = max_batch
         self._on_change = on_change
+        self._on_batch = on_batch
         self._pending: deque[_Job | _Task] = deque()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
@@ -96,6 +106,9 @@ class InferenceQueue:
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
         self.in_flight = len(batch)
         self._changed()
+        if self._on_batch is not None:
+            self._on_batch(len(batch))
+        started = time.monotonic()
         try:
             results = await loop.run_in_executor(
                 self._executor, batch[0].engine.transcribe_batch, [(job.audio, job.options) for job in batch]
@@ -107,7 +120,7 @@ class InferenceQueue:
         else:
             for job, result in zip(batch, results, strict=True):
                 if not job.future.done():
-                    job.future.set_result(result)
+                    job.future.set_result(replace(result, stages={**result.stages, "queue": started - job.queued_at}))
         finally:
             self.in_flight = 0
 

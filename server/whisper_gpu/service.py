@@ -290,7 +290,9 @@ class Service:
         self.server_id = load_or_create_server_id(self.data_dir)
         self.token = load_or_create_token(boot, self.data_dir)
         self.metrics = Metrics(device=lambda: self.models.engine.device if self.models.engine else None)
-        self.queue = InferenceQueue(on_change=self.metrics.set_queue)
+        self.queue = InferenceQueue(
+            max_batch=boot["max_batch"], on_change=self.metrics.set_queue, on_batch=self.metrics.batch_size.observe
+        )
         self.cache = ModelCache(self.data_dir)
         self.models = ModelManager(
             self.cache,
@@ -341,9 +343,14 @@ class Service:
     async def transcribe(self, audio: np.ndarray, language: str | None) -> tuple[TranscriptResult, str]:
         """Transcribe 16 kHz mono audio with the current settings; returns the result and the model's name."""
         decode_language = self.check_language(language)
+        if self.queue.queued >= self.settings["max_queue"]:
+            self.metrics.busy.inc()
+            raise RequestError("server_busy", f"{self.queue.queued} requests are waiting already; try again shortly")
         engine = await self.models.acquire()
         options = DecodeOptions.from_settings(self.settings.values, decode_language)
-        return await self.queue.transcribe(engine, audio, options), engine.name
+        result = await self.queue.transcribe(engine, audio, options)
+        self.metrics.observe_stages(result.stages, result.fallbacks)
+        return result, engine.name
 
     def describe_model(self) -> tuple[str, list[str]]:
         """The model name and languages Wyoming `describe` announces.
