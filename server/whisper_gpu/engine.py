@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,9 @@ _PIECES_PER_CALL = 16  # bounds the memory of one encoder call
 _UNSURE_LOGPROB = -0.4
 _FULL_FRAMES = round(FULL_WINDOW_S * _FRAMES_PER_SECOND)
 _HALF_PRECISION = ("float16", "bfloat16", "int8_float16", "int8_bfloat16")
+
+
+ResultCallback = Callable[[int, "TranscriptResult"], None]
 
 
 class UnsupportedOnDeviceError(ValueError):
@@ -236,17 +239,19 @@ class WhisperEngine:
         tone = (0.1 * np.sin(np.linspace(0, 2 * np.pi * 440, SAMPLE_RATE))).astype(np.float32)
         get_speech_timestamps(tone, VadOptions())
         for window in (window_s, FULL_WINDOW_S):
-            for beam_size in (1, 5):
-                options = DecodeOptions("en", beam_size, 0.0, 0, FULL_WINDOW_S, 0, window_s=window)
-                self._transcribe([(tone, options)], vad=False)
+            options = DecodeOptions("en", 5, 0.0, 0, FULL_WINDOW_S, 0, window_s=window)
+            self._transcribe([(tone, options)], vad=False)
 
-    def transcribe_batch(self, batch: Sequence[tuple[np.ndarray, DecodeOptions]]) -> list[TranscriptResult]:
+    def transcribe_batch(
+        self, batch: Sequence[tuple[np.ndarray, DecodeOptions]], on_result: ResultCallback | None = None
+    ) -> list[TranscriptResult]:
         """Transcribe several requests together; one result per request, in order.
 
-        The results are those of transcribing each request alone: the pieces of different requests are only
-        stacked into the same encoder and decoder calls.
+        The pieces of different requests are only stacked into the same encoder and decoder calls. `on_result`
+        hears of each request as soon as its text is final, so one that needs no redo in the full window does not
+        wait for those that do.
         """
-        return self._transcribe(batch, vad=True)
+        return self._transcribe(batch, vad=True, on_result=on_result)
 
     def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> TranscriptResult:
         """Transcribe one request; silence gives empty text without running the model."""
@@ -260,27 +265,48 @@ class WhisperEngine:
         self._model = None
         _LOGGER.info("Unloaded %s", self.name)
 
-    def _transcribe(self, batch: Sequence[tuple[np.ndarray, DecodeOptions]], *, vad: bool) -> list[TranscriptResult]:
-        requests = []
-        for audio, options in batch:
-            started = time.perf_counter()
-            window_s = min(options.window_s, FULL_WINDOW_S)
-            request = _Request(len(audio) / SAMPLE_RATE, options, dict.fromkeys(STAGES, 0.0))
-            request.language = options.language if self.multilingual else "en"
-            speech = _speech_pieces(audio, options, window_s) if vad else [audio[: int(window_s * SAMPLE_RATE)]]
-            frames = round(window_s * _FRAMES_PER_SECOND)
-            request.pieces = [_Piece(request, piece, frames) for piece in speech]
-            request.stages["vad"] = time.perf_counter() - started
-            requests.append(request)
+    def _transcribe(
+        self,
+        batch: Sequence[tuple[np.ndarray, DecodeOptions]],
+        *,
+        vad: bool,
+        on_result: ResultCallback | None = None,
+    ) -> list[TranscriptResult]:
+        requests = [self._prepare(audio, options, vad=vad) for audio, options in batch]
+        self._decode_grouped([piece for request in requests for piece in request.pieces])
+        redo = [any(piece.fallback for piece in request.pieces) for request in requests]
+        if on_result is not None:
+            for index, request in enumerate(requests):
+                if not redo[index]:
+                    on_result(index, request.result())
+        self._redo_unsure(requests)
+        results = [request.result() for request in requests]
+        if on_result is not None:
+            for index, result in enumerate(results):
+                if redo[index]:
+                    on_result(index, result)
+        return results
+
+    def _decode_grouped(self, pieces: list[_Piece]) -> None:
+        """Decode pieces in as few calls as their beam sizes and windows allow."""
         groups: dict[tuple[int, int], list[_Piece]] = defaultdict(list)
-        for request in requests:
-            for piece in request.pieces:
-                groups[request.options.beam_size, piece.window_frames].append(piece)
+        for piece in pieces:
+            groups[piece.request.options.beam_size, piece.window_frames].append(piece)
         for (beam_size, frames), grouped in groups.items():
             for first in range(0, len(grouped), _PIECES_PER_CALL):
                 self._decode(grouped[first : first + _PIECES_PER_CALL], beam_size, frames)
-        self._redo_unsure(requests)
-        return [request.result() for request in requests]
+
+    def _prepare(self, audio: np.ndarray, options: DecodeOptions, *, vad: bool) -> _Request:
+        """A request's speech as pieces that fit its encoder window."""
+        started = time.perf_counter()
+        window_s = min(options.window_s, FULL_WINDOW_S)
+        request = _Request(len(audio) / SAMPLE_RATE, options, dict.fromkeys(STAGES, 0.0))
+        request.language = options.language if self.multilingual else "en"
+        speech = _speech_pieces(audio, options, window_s) if vad else [audio[: int(window_s * SAMPLE_RATE)]]
+        frames = round(window_s * _FRAMES_PER_SECOND)
+        request.pieces = [_Piece(request, piece, frames) for piece in speech]
+        request.stages["vad"] = time.perf_counter() - started
+        return request
 
     def _redo_unsure(self, requests: list[_Request]) -> None:
         """Decode looped or unsure pieces again in the full window; what loops even there, as faster-whisper does."""

@@ -8,6 +8,7 @@ one, and nobody waits for a batch to fill.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -109,18 +110,27 @@ class InferenceQueue:
         if self._on_batch is not None:
             self._on_batch(len(batch))
         started = time.monotonic()
+
+        def deliver(index: int, result: TranscriptResult) -> None:
+            job = batch[index]
+            if not job.future.done():
+                job.future.set_result(replace(result, stages={**result.stages, "queue": started - job.queued_at}))
+
+        def on_result(index: int, result: TranscriptResult) -> None:
+            # Called on the inference thread as each request's text is final.
+            loop.call_soon_threadsafe(deliver, index, result)
+
         try:
-            results = await loop.run_in_executor(
-                self._executor, batch[0].engine.transcribe_batch, [(job.audio, job.options) for job in batch]
+            await loop.run_in_executor(
+                self._executor,
+                functools.partial(
+                    batch[0].engine.transcribe_batch, [(job.audio, job.options) for job in batch], on_result
+                ),
             )
         except Exception as err:  # noqa: BLE001 - the error belongs to the requests, not to the queue
             for job in batch:
                 if not job.future.done():
                     job.future.set_exception(err)
-        else:
-            for job, result in zip(batch, results, strict=True):
-                if not job.future.done():
-                    job.future.set_result(replace(result, stages={**result.stages, "queue": started - job.queued_at}))
         finally:
             self.in_flight = 0
 
