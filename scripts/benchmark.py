@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,13 +112,16 @@ async def request(port: int, clip: Clip) -> tuple[str, float]:
                 return Transcript.from_event(event).text, (time.perf_counter() - stopped) * 1000
 
 
-async def drive(port: int, clips: list[Clip], figures: Figures, rounds: int) -> None:
+async def drive(
+    port: int, clips: list[Clip], figures: Figures, rounds: int, after_single: Callable[[], None] = lambda: None
+) -> None:
     """First request, then every clip one at a time, then each concurrency level."""
     _, figures.first_ms = await request(port, clips[0])
     for clip in clips:
         text, latency = await request(port, clip)
         figures.texts.append(text)
         figures.single.append(latency)
+    after_single()
     figures.rtf = statistics.median(lat / 1000 / clip.seconds for lat, clip in zip(figures.single, clips, strict=True))
     figures.wer = jiwer.wer([normalize(c.text) for c in clips], [normalize(t) or "-" for t in figures.texts])
     for clients in CONCURRENCY:
@@ -166,12 +170,14 @@ async def bench_ours(args: argparse.Namespace, model_dir: Path, data: Path, clip
     figures.ready_s = time.perf_counter() - started
     try:
         before = stage_sums(server)
-        await drive(server.wyoming_port, clips, figures, args.rounds)
-        after = stage_sums(server)
-        for stage, (total, count) in after.items():
-            old_total, old_count = before.get(stage, (0.0, 0.0))
-            if count > old_count:
-                figures.stages_ms[stage] = round((total - old_total) / (count - old_count) * 1000, 1)
+
+        def stages_of_single_client() -> None:
+            for stage, (total, count) in stage_sums(server).items():
+                old_total, old_count = before.get(stage, (0.0, 0.0))
+                if count > old_count:
+                    figures.stages_ms[stage] = round((total - old_total) / (count - old_count) * 1000, 1)
+
+        await drive(server.wyoming_port, clips, figures, args.rounds, stages_of_single_client)
         if server.process is not None:
             figures.peak_rss_mb = peak_rss_mb(server.process.pid)
     finally:

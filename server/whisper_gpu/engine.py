@@ -45,7 +45,7 @@ _REPEATED_WORDS = 6  # covering at least this many words, is a loop rather than 
 _PIECES_PER_CALL = 16  # bounds the memory of one encoder call
 # A fitted window's decode less sure than this (mean log-probability per token) is checked in the full window:
 # the shortened context misleads the model mostly on words it is unsure of anyway.
-_UNSURE_LOGPROB = -0.4
+_UNSURE_LOGPROB = -0.45
 _FULL_FRAMES = round(FULL_WINDOW_S * _FRAMES_PER_SECOND)
 _HALF_PRECISION = ("float16", "bfloat16", "int8_float16", "int8_bfloat16")
 
