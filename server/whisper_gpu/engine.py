@@ -143,7 +143,7 @@ class _Piece:
         return _TOKEN_MARGIN + math.ceil(_TOKENS_PER_SECOND * len(self.audio) / SAMPLE_RATE)
 
 
-def _speech_pieces(audio: np.ndarray, options: DecodeOptions, window_s: float) -> list[np.ndarray]:
+def speech_pieces(audio: np.ndarray, options: DecodeOptions, window_s: float) -> list[np.ndarray]:
     """The speech in the audio as Silero VAD finds it, joined into pieces no longer than the window.
 
     Speech longer than the window is cut at its longest pause, so no word is split where a pause exists.
@@ -302,7 +302,7 @@ class WhisperEngine:
         window_s = min(options.window_s, FULL_WINDOW_S)
         request = _Request(len(audio) / SAMPLE_RATE, options, dict.fromkeys(STAGES, 0.0))
         request.language = options.language if self.multilingual else "en"
-        speech = _speech_pieces(audio, options, window_s) if vad else [audio[: int(window_s * SAMPLE_RATE)]]
+        speech = speech_pieces(audio, options, window_s) if vad else [audio[: int(window_s * SAMPLE_RATE)]]
         frames = round(window_s * _FRAMES_PER_SECOND)
         request.pieces = [_Piece(request, piece, frames) for piece in speech]
         request.stages["vad"] = time.perf_counter() - started

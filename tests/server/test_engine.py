@@ -15,7 +15,7 @@ import jiwer
 import numpy as np
 import pytest
 from helpers.speech import Utterance
-from whisper_gpu.engine import FULL_WINDOW_S, DecodeOptions, Device, WhisperEngine, looks_looped
+from whisper_gpu.engine import FULL_WINDOW_S, DecodeOptions, Device, WhisperEngine, looks_looped, speech_pieces
 from whisper_gpu.inference import InferenceQueue
 from whisper_gpu.models import ModelCache
 from whisper_normalizer.english import EnglishTextNormalizer
@@ -116,3 +116,19 @@ async def test_a_lone_request_starts_at_once_and_later_ones_batch(
     assert batches == [1, 5]
     assert [r.text for r in results] == [tiny.transcribe(samples(u), options(10.0)).text for u in commands[:6]]
     assert all(r.stages["queue"] >= 0 for r in results)
+
+
+def test_speech_longer_than_the_window_is_split_at_pauses_and_batched(
+    base: WhisperEngine, commands: list[Utterance]
+) -> None:
+    """Three commands with pauses, longer than a 5 s window: cut at the pauses, decoded together, no command lost."""
+    pause = np.zeros(16_000, dtype=np.float32)
+    spoken = [commands[0], commands[4], commands[8]]  # kitchen light, garage door, timer
+    audio = np.concatenate([part for u in spoken for part in (samples(u), pause)])
+    pieces = speech_pieces(audio, options(5.0), 5.0)
+    assert len(pieces) > 1
+    assert all(len(piece) <= 5 * 16_000 for piece in pieces)
+    result = base.transcribe(audio, options(5.0))
+    heard = normalize(result.text)
+    assert all(word in heard.split() for word in ("kitchen", "garage", "timer")), heard
+    assert jiwer.wer(" ".join(normalize(u.text) for u in spoken), heard) <= 0.1
