@@ -45,7 +45,7 @@ _REPEATED_WORDS = 6  # covering at least this many words, is a loop rather than 
 _PIECES_PER_CALL = 16  # bounds the memory of one encoder call
 # A fitted window's decode less sure than this (mean log-probability per token) is checked in the full window:
 # the shortened context misleads the model mostly on words it is unsure of anyway.
-_UNSURE_LOGPROB = -0.45
+_UNSURE_LOGPROB = -0.4
 _FULL_FRAMES = round(FULL_WINDOW_S * _FRAMES_PER_SECOND)
 _HALF_PRECISION = ("float16", "bfloat16", "int8_float16", "int8_bfloat16")
 
@@ -336,8 +336,16 @@ class WhisperEngine:
         requests = list({id(piece.request): piece.request for piece in pieces}.values())
         started = time.perf_counter()
         extract = model.feature_extractor
-        # Silence, not zeros, fills the window: the features Whisper was trained on (and lower error rates here).
-        features = np.stack([pad_or_trim(extract(_pad(piece.audio, frames))[..., :-1], frames) for piece in pieces])
+        # The full window is padded as faster-whisper pads it (zeros after the features), so that a redo there is
+        # faster-whisper's own decode; a fitted window is filled with silence, which kept its error rate lower.
+        features = np.stack(
+            [
+                pad_or_trim(
+                    extract(piece.audio if frames >= _FULL_FRAMES else _pad(piece.audio, frames))[..., :-1], frames
+                )
+                for piece in pieces
+            ]
+        )
         featured = time.perf_counter()
         encoded = model.model.encode(get_ctranslate2_storage(features))
         encoded_at = time.perf_counter()
