@@ -5,9 +5,11 @@ Nothing here knows about Wyoming or HTTP. Calls block; the inference queue runs 
 Whisper pads every input to 30 s, and on a CPU the encoder's time grows with that window, not with the speech. The
 engine encodes the speech in a shorter window (`encoder_window_s`; longer speech is split at pauses into pieces
 that fit it), caps the tokens it may generate by the speech's duration, and decodes every piece of a batch in one
-CTranslate2 call. A short window can make the decoder repeat itself; a piece whose text loops (the token cap
-reached, a phrase repeated, or text that compresses like Whisper's repetitions do) is decoded again the way
-faster-whisper does it, in the full 30 s window, so the policy never costs accuracy.
+CTranslate2 call. A short window can make the decoder repeat itself, and it misleads the model on words it is unsure
+of: a piece whose text loops (the token cap reached, a phrase repeated, or text that compresses like Whisper's
+repetitions do) or whose decode is unsure is decoded again the way faster-whisper does it, in the full 30 s window,
+so the policy keeps the full window's accuracy. With `LANGUAGE=auto` the language is detected from the encoder
+output already computed.
 """
 
 from __future__ import annotations
