@@ -1,28 +1,58 @@
-"""The speech model behind a narrow interface: 16 kHz mono float audio in, text out.
+"""The speech model behind a narrow interface: 16 kHz mono float audio in, text out, several requests at once.
 
 Nothing here knows about Wyoming or HTTP. Calls block; the inference queue runs them on its own thread.
-`transcribe_batch` is the unit of work so that a batching backend can take several requests at once.
+
+Whisper pads every input to 30 s, and on a CPU the encoder's time grows with that window, not with the speech. The
+engine encodes the speech in a shorter window (`encoder_window_s`; longer speech is split at pauses into pieces
+that fit it), caps the tokens it may generate by the speech's duration, and decodes every piece of a batch in one
+CTranslate2 call. A short window can make the decoder repeat itself, and it misleads the model on words it is unsure
+of: a piece whose text loops (the token cap reached, a phrase repeated, or text that compresses like Whisper's
+repetitions do) or whose decode is unsure is decoded again the way faster-whisper does it, in the full 30 s window,
+so the policy keeps the full window's accuracy. With `LANGUAGE=auto` the language is detected from the encoder
+output already computed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ctranslate2
 import numpy as np
 from faster_whisper import WhisperModel
-from faster_whisper.tokenizer import _LANGUAGE_CODES
+from faster_whisper.audio import pad_or_trim
+from faster_whisper.tokenizer import _LANGUAGE_CODES, Tokenizer
+from faster_whisper.transcribe import get_compression_ratio, get_ctranslate2_storage, get_suppressed_tokens
 from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
 
 _LOGGER = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
+FULL_WINDOW_S = 30.0
+STAGES = ("vad", "features", "encoder", "decoder", "fallback")
+_FRAMES_PER_SECOND = 100  # the feature extractor's hop is 160 samples
+_MAX_TOKENS = 448  # Whisper's decoder positions, prompt included
+# Generous for any language's speaking rate; only a decoder stuck in a loop gets near it.
+_TOKENS_PER_SECOND = 10
+_TOKEN_MARGIN = 16
+_COMPRESSION_RATIO_LIMIT = 2.4  # Whisper's own threshold for repetitive text
+_REPEATS = 2  # a phrase said this many times in a row, and
+_REPEATED_WORDS = 6  # covering at least this many words, is a loop rather than speech
+_PIECES_PER_CALL = 16  # bounds the memory of one encoder call
+# A fitted window's decode less sure than this (mean log-probability per token) is checked in the full window:
+# the shortened context misleads the model mostly on words it is unsure of anyway.
+_UNSURE_LOGPROB = -0.4
+_FULL_FRAMES = round(FULL_WINDOW_S * _FRAMES_PER_SECOND)
 _HALF_PRECISION = ("float16", "bfloat16", "int8_float16", "int8_bfloat16")
+
+
+ResultCallback = Callable[[int, "TranscriptResult"], None]
 
 
 class UnsupportedOnDeviceError(ValueError):
@@ -50,10 +80,11 @@ class DecodeOptions:
     min_speech_duration_ms: int
     max_speech_duration_s: float
     speech_pad_ms: int
+    window_s: float = FULL_WINDOW_S
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], language: str | None) -> DecodeOptions:
-        """Beam size and VAD values from the settings, with the language decided for this request."""
+        """Beam size, VAD values and the encoder window from the settings, with the language for this request."""
         return cls(
             language=language,
             beam_size=settings["beam_size"],
@@ -61,32 +92,94 @@ class DecodeOptions:
             min_speech_duration_ms=settings["min_speech_duration_ms"],
             max_speech_duration_s=settings["max_speech_duration_s"],
             speech_pad_ms=settings["speech_pad_ms"],
+            window_s=settings["encoder_window_s"],
         )
 
 
 @dataclass(frozen=True)
 class TranscriptResult:
-    """What the model heard."""
+    """What the model heard, and where the time went (seconds by stage, see STAGES; `queue` added by the queue)."""
 
     text: str
     language: str
     audio_seconds: float
     speech_seconds: float
+    stages: Mapping[str, float] = field(default_factory=dict)
+    fallbacks: int = 0
 
 
-def _speech_only(audio: np.ndarray, options: DecodeOptions) -> np.ndarray:
-    """The speech in the audio, joined, as Silero VAD with the request's settings finds it."""
+@dataclass
+class _Request:
+    """One request's pieces and bookkeeping while a batch runs."""
+
+    audio_seconds: float
+    options: DecodeOptions
+    stages: dict[str, float]
+    pieces: list[_Piece] = field(default_factory=list)
+    language: str | None = None
+
+    def result(self) -> TranscriptResult:
+        return TranscriptResult(
+            text=" ".join(piece.text for piece in self.pieces if piece.text).strip(),
+            language=self.language or self.options.language or "en",
+            audio_seconds=self.audio_seconds,
+            speech_seconds=sum(len(piece.audio) for piece in self.pieces) / SAMPLE_RATE,
+            stages=self.stages,
+            fallbacks=sum(piece.redone for piece in self.pieces),
+        )
+
+
+@dataclass
+class _Piece:
+    """Speech that fits one encoder window."""
+
+    request: _Request
+    audio: np.ndarray
+    window_frames: int
+    text: str = ""
+    fallback: bool = False  # decode again in a wider window
+    redone: bool = False
+
+    @property
+    def token_cap(self) -> int:
+        return _TOKEN_MARGIN + math.ceil(_TOKENS_PER_SECOND * len(self.audio) / SAMPLE_RATE)
+
+
+def speech_pieces(audio: np.ndarray, options: DecodeOptions, window_s: float) -> list[np.ndarray]:
+    """The speech in the audio as Silero VAD finds it, joined into pieces no longer than the window.
+
+    Speech longer than the window is cut at its longest pause, so no word is split where a pause exists.
+    """
     vad_options = VadOptions(
         threshold=options.vad_threshold,
         min_speech_duration_ms=options.min_speech_duration_ms,
-        max_speech_duration_s=options.max_speech_duration_s,
+        max_speech_duration_s=min(options.max_speech_duration_s, window_s),
         speech_pad_ms=options.speech_pad_ms,
     )
     chunks = get_speech_timestamps(audio, vad_options)
     if not chunks:
-        return audio[:0]
-    pieces, _ = collect_chunks(audio, chunks)
-    return np.concatenate(pieces)
+        return []
+    pieces, _ = collect_chunks(audio, chunks, max_duration=window_s)
+    return [piece for piece in pieces if len(piece)]
+
+
+def _pad(audio: np.ndarray, frames: int) -> np.ndarray:
+    """The audio followed by digital silence up to the window's length."""
+    missing = frames * (SAMPLE_RATE // _FRAMES_PER_SECOND) - len(audio)
+    return np.pad(audio, (0, missing)) if missing > 0 else audio
+
+
+def looks_looped(tokens: Sequence[int], text: str, token_cap: int) -> bool:
+    """Whether a decode went round in circles: the token cap reached, a phrase repeated, or repetitive text."""
+    if len(tokens) >= token_cap or get_compression_ratio(text) > _COMPRESSION_RATIO_LIMIT:
+        return True
+    words = text.lower().split()
+    for size in range(max(1, math.ceil(_REPEATED_WORDS / _REPEATS)), len(words) // _REPEATS + 1):
+        for start in range(len(words) - size * _REPEATS + 1):
+            phrase = words[start : start + size]
+            if all(words[start + size * n : start + size * (n + 1)] == phrase for n in range(1, _REPEATS)):
+                return True
+    return False
 
 
 def resolve_device(setting: str) -> Device:
@@ -139,52 +232,32 @@ class WhisperEngine:
         )
         self.multilingual = bool(self._model.model.is_multilingual)
         self.languages: list[str] = sorted(_LANGUAGE_CODES) if self.multilingual else ["en"]
+        self._tokenizers: dict[str, Tokenizer] = {}
+        self._suppressed = list(get_suppressed_tokens(self._tokenizer("en"), (-1,)) or ())
         self.load_seconds = time.monotonic() - started
 
-    def warm_up(self) -> None:
-        """Run the VAD and one short decode, so the first real request is as fast as the rest."""
+    def warm_up(self, window_s: float = 10.0) -> None:
+        """Run the VAD and a decode in the fitted and in the full window, so the first request is like the rest."""
         tone = (0.1 * np.sin(np.linspace(0, 2 * np.pi * 440, SAMPLE_RATE))).astype(np.float32)
         get_speech_timestamps(tone, VadOptions())
-        self.transcribe(
-            tone,
-            DecodeOptions(
-                language="en",
-                beam_size=1,
-                vad_threshold=0.0,
-                min_speech_duration_ms=0,
-                max_speech_duration_s=30.0,
-                speech_pad_ms=0,
-            ),
-            vad=False,
-        )
+        for window in (window_s, FULL_WINDOW_S):
+            options = DecodeOptions("en", 5, 0.0, 0, FULL_WINDOW_S, 0, window_s=window)
+            self._transcribe([(tone, options)], vad=False)
 
-    def transcribe_batch(self, batch: Sequence[tuple[np.ndarray, DecodeOptions]]) -> list[TranscriptResult]:
-        """Transcribe several requests; one result per request, in order."""
-        return [self.transcribe(audio, options) for audio, options in batch]
+    def transcribe_batch(
+        self, batch: Sequence[tuple[np.ndarray, DecodeOptions]], on_result: ResultCallback | None = None
+    ) -> list[TranscriptResult]:
+        """Transcribe several requests together; one result per request, in order.
 
-    def transcribe(self, audio: np.ndarray, options: DecodeOptions, *, vad: bool = True) -> TranscriptResult:
-        """Transcribe 16 kHz mono float32 audio; silence gives empty text without running the model."""
-        model = self._require_model()
-        audio_seconds = len(audio) / SAMPLE_RATE
-        language = options.language if self.multilingual else "en"
-        speech = _speech_only(audio, options) if vad else audio
-        if not len(speech):
-            # Nothing spoken: neither language detection nor decoding has anything to work on.
-            return TranscriptResult(text="", language=language or "en", audio_seconds=audio_seconds, speech_seconds=0)
-        segments, info = model.transcribe(
-            speech,
-            language=language,
-            beam_size=options.beam_size,
-            condition_on_previous_text=False,
-            without_timestamps=True,
-        )
-        text = " ".join(segment.text.strip() for segment in segments).strip()
-        return TranscriptResult(
-            text=text,
-            language=info.language or language or "en",
-            audio_seconds=audio_seconds,
-            speech_seconds=len(speech) / SAMPLE_RATE,
-        )
+        The pieces of different requests are only stacked into the same encoder and decoder calls. `on_result`
+        hears of each request as soon as its text is final, so one that needs no redo in the full window does not
+        wait for those that do.
+        """
+        return self._transcribe(batch, vad=True, on_result=on_result)
+
+    def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> TranscriptResult:
+        """Transcribe one request; silence gives empty text without running the model."""
+        return self._transcribe([(audio, options)], vad=True)[0]
 
     def close(self) -> None:
         """Free the model's memory now (GPU memory too) rather than whenever the garbage collector runs."""
@@ -193,6 +266,160 @@ class WhisperEngine:
         self._model.model.unload_model()
         self._model = None
         _LOGGER.info("Unloaded %s", self.name)
+
+    def _transcribe(
+        self,
+        batch: Sequence[tuple[np.ndarray, DecodeOptions]],
+        *,
+        vad: bool,
+        on_result: ResultCallback | None = None,
+    ) -> list[TranscriptResult]:
+        requests = [self._prepare(audio, options, vad=vad) for audio, options in batch]
+        self._decode_grouped([piece for request in requests for piece in request.pieces])
+        redo = [any(piece.fallback for piece in request.pieces) for request in requests]
+        if on_result is not None:
+            for index, request in enumerate(requests):
+                if not redo[index]:
+                    on_result(index, request.result())
+        self._redo_unsure(requests)
+        results = [request.result() for request in requests]
+        if on_result is not None:
+            for index, result in enumerate(results):
+                if redo[index]:
+                    on_result(index, result)
+        return results
+
+    def _decode_grouped(self, pieces: list[_Piece]) -> None:
+        """Decode pieces in as few calls as their beam sizes and windows allow."""
+        groups: dict[tuple[int, int], list[_Piece]] = defaultdict(list)
+        for piece in pieces:
+            groups[piece.request.options.beam_size, piece.window_frames].append(piece)
+        for (beam_size, frames), grouped in groups.items():
+            for first in range(0, len(grouped), _PIECES_PER_CALL):
+                self._decode(grouped[first : first + _PIECES_PER_CALL], beam_size, frames)
+
+    def _prepare(self, audio: np.ndarray, options: DecodeOptions, *, vad: bool) -> _Request:
+        """A request's speech as pieces that fit its encoder window."""
+        started = time.perf_counter()
+        window_s = min(options.window_s, FULL_WINDOW_S)
+        request = _Request(len(audio) / SAMPLE_RATE, options, dict.fromkeys(STAGES, 0.0))
+        request.language = options.language if self.multilingual else "en"
+        speech = speech_pieces(audio, options, window_s) if vad else [audio[: int(window_s * SAMPLE_RATE)]]
+        frames = round(window_s * _FRAMES_PER_SECOND)
+        request.pieces = [_Piece(request, piece, frames) for piece in speech]
+        request.stages["vad"] = time.perf_counter() - started
+        return request
+
+    def _redo_unsure(self, requests: list[_Request]) -> None:
+        """Decode looped or unsure pieces again in the full window; what loops even there, as faster-whisper does."""
+        retry: dict[int, list[_Piece]] = defaultdict(list)
+        for request in requests:
+            for piece in request.pieces:
+                if piece.fallback and piece.window_frames < _FULL_FRAMES:
+                    piece.window_frames, piece.redone, piece.fallback = _FULL_FRAMES, True, False
+                    retry[request.options.beam_size].append(piece)
+        for beam_size, pieces in retry.items():
+            started = time.perf_counter()
+            for first in range(0, len(pieces), _PIECES_PER_CALL):
+                self._decode(pieces[first : first + _PIECES_PER_CALL], beam_size, _FULL_FRAMES, stage="fallback")
+            _LOGGER.debug(
+                "%d piece(s) decoded again in the full window (%.0f ms)",
+                len(pieces),
+                (time.perf_counter() - started) * 1000,
+            )
+        for request in requests:
+            for piece in request.pieces:
+                if piece.fallback:
+                    self._decode_with_temperatures(piece)
+
+    def _decode(self, pieces: list[_Piece], beam_size: int, frames: int, stage: str = "") -> None:
+        """Encode the pieces in one call, detect languages from that output, and decode them in one call."""
+        model = self._require_model()
+        requests = list({id(piece.request): piece.request for piece in pieces}.values())
+        started = time.perf_counter()
+        extract = model.feature_extractor
+        # The full window is padded as faster-whisper pads it (zeros after the features), so that a redo there is
+        # faster-whisper's own decode; a fitted window is filled with silence, which kept its error rate lower.
+        features = np.stack(
+            [
+                pad_or_trim(
+                    extract(piece.audio if frames >= _FULL_FRAMES else _pad(piece.audio, frames))[..., :-1], frames
+                )
+                for piece in pieces
+            ]
+        )
+        featured = time.perf_counter()
+        encoded = model.model.encode(get_ctranslate2_storage(features))
+        encoded_at = time.perf_counter()
+        self._detect_languages(encoded, pieces)
+        prompts = []
+        for piece in pieces:
+            tokenizer = self._tokenizer(piece.request.language or "en")
+            prompts.append([*tokenizer.sot_sequence, tokenizer.no_timestamps])
+        caps = [min(piece.token_cap, _MAX_TOKENS - len(prompt)) for piece, prompt in zip(pieces, prompts, strict=True)]
+        results = model.model.generate(
+            encoded,
+            prompts,
+            beam_size=beam_size,
+            max_length=max(len(prompt) + cap for prompt, cap in zip(prompts, caps, strict=True)),
+            suppress_blank=True,
+            suppress_tokens=self._suppressed,
+            return_scores=True,
+        )
+        for piece, result, cap in zip(pieces, results, caps, strict=True):
+            tokens = result.sequences_ids[0]
+            piece.text = self._tokenizer(piece.request.language or "en").decode(tokens).strip()
+            logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+            piece.fallback = looks_looped(tokens, piece.text, cap) or (
+                frames < _FULL_FRAMES and logprob < _UNSURE_LOGPROB
+            )
+        finished = time.perf_counter()
+        for request in requests:
+            if stage:
+                request.stages[stage] += finished - started
+                continue
+            request.stages["features"] += featured - started
+            request.stages["encoder"] += encoded_at - featured
+            request.stages["decoder"] += finished - encoded_at
+
+    def _detect_languages(self, encoded: ctranslate2.StorageView, pieces: list[_Piece]) -> None:
+        """Decide the language of each request without one from the encoder output already computed."""
+        if not self.multilingual or all(piece.request.language for piece in pieces):
+            return
+        votes: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        for piece, ranked in zip(pieces, self._require_model().model.detect_language(encoded), strict=True):
+            for token, probability in ranked:
+                votes[id(piece.request)][token[2:-2]] += probability
+        for piece in pieces:
+            if piece.request.language is None:
+                scores = votes[id(piece.request)]
+                piece.request.language = max(scores, key=scores.__getitem__)
+
+    def _decode_with_temperatures(self, piece: _Piece) -> None:
+        """A piece that loops even in the full window: faster-whisper's decode with its temperature fallback."""
+        started = time.perf_counter()
+        request = piece.request
+        segments, _ = self._require_model().transcribe(
+            piece.audio,
+            language=request.language,
+            beam_size=request.options.beam_size,
+            condition_on_previous_text=False,
+            without_timestamps=True,
+        )
+        piece.text = " ".join(segment.text.strip() for segment in segments).strip()
+        piece.redone = True
+        request.stages["fallback"] += time.perf_counter() - started
+
+    def _tokenizer(self, language: str) -> Tokenizer:
+        if language not in self._tokenizers:
+            model = self._require_model()
+            self._tokenizers[language] = Tokenizer(
+                model.hf_tokenizer,
+                self.multilingual,
+                task="transcribe" if self.multilingual else None,
+                language=language if self.multilingual else None,
+            )
+        return self._tokenizers[language]
 
     def _require_model(self) -> WhisperModel:
         if self._model is None:

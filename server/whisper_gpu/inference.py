@@ -1,16 +1,21 @@
 """One inference thread fed by an arrival-ordered queue, so the event loop never waits on the model.
 
-Requests are taken in batches of the same engine; each waiting request costs others only its own audio's work.
+A request that finds the model idle starts at once, alone. Requests that arrive while a batch runs wait for it and
+then go together as the next batch (same engine, up to `max_batch`): the model does several at nearly the cost of
+one, and nobody waits for a batch to fill.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -37,6 +42,7 @@ class _Job:
     options: DecodeOptions
     future: asyncio.Future[TranscriptResult] = field(repr=False)
     urgency: Urgency = field(default_factory=Urgency)
+    queued_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -50,9 +56,15 @@ class _Task:
 class InferenceQueue:
     """Serialises model calls on a dedicated thread."""
 
-    def __init__(self, max_batch: int = 1, on_change: Callable[[int, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        max_batch: int = 1,
+        on_change: Callable[[int, int], None] | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
         self._max_batch = max_batch
         self._on_change = on_change
+        self._on_batch = on_batch
         self._pending: deque[_Job | _Task] = deque()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
@@ -63,6 +75,11 @@ class InferenceQueue:
     def queued(self) -> int:
         """Requests waiting for the model."""
         return sum(isinstance(item, _Job) for item in self._pending)
+
+    @property
+    def queued_finals(self) -> int:
+        """Requests waiting for the model whose answer a client waits for (not background work)."""
+        return sum(isinstance(item, _Job) and not item.urgency.background for item in self._pending)
 
     def start(self) -> None:
         """Start taking work."""
@@ -110,18 +127,30 @@ class InferenceQueue:
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
         self.in_flight = len(batch)
         self._changed()
+        if self._on_batch is not None:
+            self._on_batch(len(batch))
+        started = time.monotonic()
+
+        def deliver(index: int, result: TranscriptResult) -> None:
+            job = batch[index]
+            if not job.future.done():
+                job.future.set_result(replace(result, stages={**result.stages, "queue": started - job.queued_at}))
+
+        def on_result(index: int, result: TranscriptResult) -> None:
+            # Called on the inference thread as each request's text is final.
+            loop.call_soon_threadsafe(deliver, index, result)
+
         try:
-            results = await loop.run_in_executor(
-                self._executor, batch[0].engine.transcribe_batch, [(job.audio, job.options) for job in batch]
+            await loop.run_in_executor(
+                self._executor,
+                functools.partial(
+                    batch[0].engine.transcribe_batch, [(job.audio, job.options) for job in batch], on_result
+                ),
             )
         except Exception as err:  # noqa: BLE001 - the error belongs to the requests, not to the queue
             for job in batch:
                 if not job.future.done():
                     job.future.set_exception(err)
-        else:
-            for job, result in zip(batch, results, strict=True):
-                if not job.future.done():
-                    job.future.set_result(result)
         finally:
             self.in_flight = 0
 
@@ -136,15 +165,21 @@ class InferenceQueue:
         return self._pending.popleft()
 
     def _collect_batch(self, first: _Job) -> list[_Job]:
-        """The first live job plus queued jobs for the same engine, up to the batch size."""
+        """The first live job plus queued jobs of the same engine and urgency, up to the batch size.
+
+        Background work never rides along with final transcripts: it would make their batch slower.
+        """
         batch = [first] if not first.future.cancelled() else []
-        while len(batch) < self._max_batch and self._pending:
-            head = self._pending[0]
-            if not isinstance(head, _Job) or (batch and head.engine is not batch[0].engine):
+        background = first.urgency.background
+        for job in list(itertools.takewhile(lambda item: isinstance(item, _Job), self._pending)):
+            if len(batch) >= self._max_batch:
                 break
-            self._pending.popleft()
-            if not head.future.cancelled():
-                batch.append(head)
+            assert isinstance(job, _Job)  # noqa: S101 - takewhile stopped at the first task
+            if job.engine is not first.engine or job.urgency.background != background:
+                continue
+            self._pending.remove(job)
+            if not job.future.cancelled():
+                batch.append(job)
         return batch
 
     async def _run_task(self, loop: asyncio.AbstractEventLoop, task: _Task) -> None:

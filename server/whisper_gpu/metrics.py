@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
@@ -95,6 +95,27 @@ class Metrics:
         )
         self.in_flight = Gauge("whisper_gpu_requests_in_flight", "Requests being transcribed", registry=registry)
         self.queued = Gauge("whisper_gpu_requests_queued", "Requests waiting for the model", registry=registry)
+        self.busy = Counter(
+            "whisper_gpu_busy_rejections", "Requests refused with server_busy: the queue was full", registry=registry
+        )
+        self.batch_size = Histogram(
+            "whisper_gpu_batch_size",
+            "Requests transcribed together in one batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=registry,
+        )
+        self.stage_seconds = Histogram(
+            "whisper_gpu_stage_seconds",
+            "Where a request's time went: queue, vad, features, encoder, decoder, fallback (full-window redo)",
+            ["stage"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0),
+            registry=registry,
+        )
+        self.window_fallbacks = Counter(
+            "whisper_gpu_window_fallbacks",
+            "Pieces decoded again in the full 30 s window because the fitted window's decode looped or was unsure",
+            registry=registry,
+        )
         self.connections = Gauge("whisper_gpu_connections", "Open Wyoming connections", registry=registry)
         self.connections_refused = Counter(
             "whisper_gpu_connections_refused",
@@ -120,6 +141,12 @@ class Metrics:
         """Mirror the inference queue."""
         self.in_flight.set(in_flight)
         self.queued.set(queued)
+
+    def observe_stages(self, stages: Mapping[str, float], fallbacks: int) -> None:
+        """Record where one request's time went."""
+        for stage, seconds in stages.items():
+            self.stage_seconds.labels(stage).observe(seconds)
+        self.window_fallbacks.inc(fallbacks)
 
     def loaded(self, model: str, device: str, compute_type: str, seconds: float) -> None:
         """Record a successful load."""

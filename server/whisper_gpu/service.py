@@ -450,7 +450,9 @@ class Service:
         self.server_id = load_or_create_server_id(self.data_dir)
         self.token = load_or_create_token(boot, self.data_dir)
         self.metrics = Metrics(device=lambda: self.models.engine.device if self.models.engine else None)
-        self.queue = InferenceQueue(on_change=self.metrics.set_queue)
+        self.queue = InferenceQueue(
+            max_batch=boot["max_batch"], on_change=self.metrics.set_queue, on_batch=self.metrics.batch_size.observe
+        )
         self.cache = ModelCache(self.data_dir, limit_mb=boot["model_cache_limit_mb"])
         self.journal = LoadJournal(self.data_dir)
         self.models = ModelManager(
@@ -516,9 +518,17 @@ class Service:
         Background work (partial and speculative transcripts) waits for every final transcript queued.
         """
         decode_language = self.check_language(language)
+        background = urgency is not None and urgency.background
+        # Background work is bounded by the connections (one partial and one speculation each), not by the queue.
+        if not background and self.queue.queued_finals >= self.settings["max_queue"]:
+            self.metrics.busy.inc()
+            raise RequestError("server_busy", f"{self.queue.queued} requests are waiting already; try again shortly")
         engine = await self.models.acquire()
         options = DecodeOptions.from_settings(self.settings.values, decode_language)
-        return await self.queue.transcribe(engine, audio, options, urgency), engine.name
+        result = await self.queue.transcribe(engine, audio, options, urgency)
+        if not background:
+            self.metrics.observe_stages(result.stages, result.fallbacks)
+        return result, engine.name
 
     def live_settings(self) -> LiveSettings:
         """How requests are followed while their audio arrives: end of speech and partial transcripts."""

@@ -348,6 +348,25 @@ SETTINGS: Mapping[str, SettingSpec] = _spec_table(
         runtime=True,
     ),
     SettingSpec(
+        name="encoder_window_s",
+        kind=float,
+        default=10.0,
+        minimum=1.0,
+        maximum=30.0,
+        description="Seconds of audio the encoder sees at once; shorter is faster, longer speech is split at "
+        "pauses, and a looping or unsure decode is redone in Whisper's full 30 s window",
+        runtime=True,
+    ),
+    SettingSpec(
+        name="max_queue",
+        kind=int,
+        default=32,
+        minimum=1,
+        maximum=10_000,
+        description="Requests that may wait for the model; one more is refused at once with server_busy",
+        runtime=True,
+    ),
+    SettingSpec(
         name="max_audio_s",
         kind=float,
         default=60.0,
@@ -378,6 +397,14 @@ SETTINGS: Mapping[str, SettingSpec] = _spec_table(
         minimum=0,
         maximum=1024,
         description="Threads for CPU inference; 0 uses every core this process may use",
+    ),
+    SettingSpec(
+        name="max_batch",
+        kind=int,
+        default=8,
+        minimum=1,
+        maximum=64,
+        description="Requests that queued while the model was busy are transcribed together, up to this many",
     ),
     SettingSpec(
         name="memory_limit_mb",
