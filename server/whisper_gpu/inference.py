@@ -170,16 +170,18 @@ class InferenceQueue:
         Background work never rides along with final transcripts: it would make their batch slower.
         """
         batch = [first] if not first.future.cancelled() else []
-        background = first.urgency.background
-        for job in list(itertools.takewhile(lambda item: isinstance(item, _Job), self._pending)):
+        taken: set[int] = set()
+        for job in itertools.takewhile(lambda item: isinstance(item, _Job), self._pending):
             if len(batch) >= self._max_batch:
                 break
-            assert isinstance(job, _Job)  # noqa: S101 - takewhile stopped at the first task
-            if job.engine is not first.engine or job.urgency.background != background:
-                continue
-            self._pending.remove(job)
-            if not job.future.cancelled():
-                batch.append(job)
+            assert isinstance(job, _Job)  # noqa: S101 - takewhile stops at the first task
+            if job.engine is first.engine and job.urgency.background == first.urgency.background:
+                taken.add(id(job))
+                if not job.future.cancelled():
+                    batch.append(job)
+        if taken:
+            # By identity: jobs hold arrays, which do not compare as plain values.
+            self._pending = deque(item for item in self._pending if id(item) not in taken)
         return batch
 
     async def _run_task(self, loop: asyncio.AbstractEventLoop, task: _Task) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from helpers.speech import Utterance
 from whisper_gpu.engine import FULL_WINDOW_S, DecodeOptions, Device, WhisperEngine, looks_looped, speech_pieces
-from whisper_gpu.inference import InferenceQueue
+from whisper_gpu.inference import InferenceQueue, Urgency
 from whisper_gpu.models import ModelCache
 from whisper_normalizer.english import EnglishTextNormalizer
 
@@ -122,6 +122,68 @@ async def test_a_lone_request_starts_at_once_and_later_ones_batch(
     assert batches == [1, 5]
     assert [r.text for r in results] == [tiny.transcribe(samples(u), options(10.0)).text for u in commands[:6]]
     assert all(r.stages["queue"] >= 0 for r in results)
+
+
+async def test_final_transcripts_go_before_background_work_and_never_share_its_batch(
+    tiny: WhisperEngine, commands: list[Utterance]
+) -> None:
+    """Partial and speculative transcripts wait for every final one queued, even one queued after them."""
+    batches: list[int] = []
+    finished: list[str] = []
+    queue = InferenceQueue(max_batch=8, on_batch=batches.append)
+    queue.start()
+
+    async def run(name: str, utterance: Utterance, urgency: Urgency | None = None) -> None:
+        await queue.transcribe(tiny, samples(utterance), options(10.0), urgency)
+        finished.append(name)
+
+    try:
+        busy = asyncio.create_task(run("running", commands[0]))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert queue.in_flight == 1
+        waiting = [
+            asyncio.create_task(run("partial", commands[1], Urgency(background=True))),
+            asyncio.create_task(run("speculation", commands[2], Urgency(background=True))),
+            asyncio.create_task(run("final", commands[3])),
+            asyncio.create_task(run("another final", commands[4])),
+        ]
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert queue.queued_finals == 2
+        await asyncio.gather(busy, *waiting)
+    finally:
+        await queue.close()
+    assert finished == ["running", "final", "another final", "partial", "speculation"]
+    assert batches == [1, 2, 2], "the finals went together, then the background work on its own"
+
+
+async def test_background_work_raised_to_final_goes_first(tiny: WhisperEngine, commands: list[Utterance]) -> None:
+    """A speculation that becomes somebody's answer stops waiting behind the others' finals."""
+    finished: list[str] = []
+    queue = InferenceQueue(max_batch=1)
+    queue.start()
+    promoted = Urgency(background=True)
+
+    async def run(name: str, utterance: Utterance, urgency: Urgency | None = None) -> None:
+        await queue.transcribe(tiny, samples(utterance), options(10.0), urgency)
+        finished.append(name)
+
+    try:
+        busy = asyncio.create_task(run("running", commands[0]))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        waiting = [
+            asyncio.create_task(run("partial", commands[1], Urgency(background=True))),
+            asyncio.create_task(run("speculation", commands[2], promoted)),
+        ]
+        for _ in range(3):
+            await asyncio.sleep(0)
+        promoted.background = False
+        await asyncio.gather(busy, *waiting)
+    finally:
+        await queue.close()
+    assert finished == ["running", "speculation", "partial"]
 
 
 def test_speech_longer_than_the_window_is_split_at_pauses_and_batched(
