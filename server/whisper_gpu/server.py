@@ -17,7 +17,7 @@ from .discovery import Announcer
 from .engine import UnsupportedOnDeviceError
 from .service import Service
 from .settings import ResolvedSettings
-from .wyoming_handler import MAX_HEADER_BYTES, ConnectionLimits, WyomingHandler
+from .wyoming_handler import MAX_HEADER_BYTES, ConnectionLimits, WyomingHandler, linger
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class WyomingServer:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._connections) >= self._max_connections:
-            await self._refuse(writer)
+            await self._refuse(reader, writer)
             return
         handler = WyomingHandler(self._service, reader, writer, self._limits)
         task = asyncio.current_task()
@@ -58,7 +58,7 @@ class WyomingServer:
             self._service.metrics.connections.dec()
             self._connections.pop(task, None)
 
-    async def _refuse(self, writer: asyncio.StreamWriter) -> None:
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One connection too many: say so in an event the client can read, then close."""
         self._service.metrics.connections_refused.inc()
         _LOGGER.warning("Refusing a Wyoming connection: %d are open, the limit", self._max_connections)
@@ -66,6 +66,7 @@ class WyomingServer:
         with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
             async with asyncio.timeout(self._limits.idle_timeout_s):
                 await async_write_event(Error(text=message, code="server_busy").event(), writer)
+        await linger(reader, writer)
         writer.close()
 
     async def shutdown(self, grace_s: float) -> None:
