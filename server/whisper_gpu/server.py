@@ -36,7 +36,10 @@ class WyomingServer:
 
     async def start(self, host: str, port: int) -> None:
         """Listen."""
-        self._server = await asyncio.start_server(self._accept, host, port, limit=MAX_HEADER_BYTES)
+        # A deep accept queue: a burst of connections is answered (over the limit: refused) rather than dropped.
+        self._server = await asyncio.start_server(
+            self._accept, host, port, limit=MAX_HEADER_BYTES, backlog=max(1024, self._max_connections * 2)
+        )
 
     @property
     def busy(self) -> int:
