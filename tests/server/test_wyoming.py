@@ -414,6 +414,17 @@ async def test_describe_and_ping_are_answered_while_a_request_waits(
     assert heard(answers[2])
 
 
+async def test_requests_sent_back_to_back_are_answered_in_order(
+    whisper_server: ServerProcess, commands: list[Utterance]
+) -> None:
+    chosen = [utterance for utterance in commands if utterance.clear][:3]
+    async with AsyncTcpClient("127.0.0.1", whisper_server.wyoming_port) as client:
+        for utterance in chosen:
+            await send_request(client, utterance.pcm()[0])
+        answers = [heard(await asyncio.wait_for(client.read_event(), timeout=120)) for _ in chosen]
+    assert answers == [normalize(utterance.text) for utterance in chosen]
+
+
 async def test_a_corrected_audio_start_after_a_refused_one_is_served(
     whisper_server: ServerProcess, kitchen: Utterance
 ) -> None:
