@@ -30,6 +30,7 @@ class WyomingServer:
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[None], WyomingHandler] = {}
         self._max_connections: int = service.boot["max_connections"]
+        self._refusing = False  # at the limit since the last accepted connection: log only the first refusal
         self._limits = ConnectionLimits(
             idle_timeout_s=service.boot["idle_timeout_s"], read_timeout_s=service.boot["read_timeout_s"]
         )
@@ -50,6 +51,7 @@ class WyomingServer:
         if len(self._connections) >= self._max_connections:
             await self._refuse(reader, writer)
             return
+        self._refusing = False
         handler = WyomingHandler(self._service, reader, writer, self._limits)
         task = asyncio.current_task()
         assert task is not None  # noqa: S101 - asyncio runs callbacks in tasks
@@ -64,7 +66,13 @@ class WyomingServer:
     async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One connection too many: say so in an event the client can read, then close."""
         self._service.metrics.connections_refused.inc()
-        _LOGGER.warning("Refusing a Wyoming connection: %d are open, the limit", self._max_connections)
+        if not self._refusing:
+            _LOGGER.warning(
+                "Refusing Wyoming connections: %d are open, the limit (MAX_CONNECTIONS); "
+                "whisper_gpu_connections_refused_total counts them",
+                self._max_connections,
+            )
+            self._refusing = True
         message = f"The server is busy: {self._max_connections} connections are open, the limit; try again later"
         with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
             async with asyncio.timeout(self._limits.idle_timeout_s):
