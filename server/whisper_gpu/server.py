@@ -17,7 +17,7 @@ from .discovery import Announcer
 from .engine import UnsupportedOnDeviceError
 from .service import Service
 from .settings import ResolvedSettings
-from .wyoming_handler import MAX_HEADER_BYTES, ConnectionLimits, WyomingHandler
+from .wyoming_handler import MAX_HEADER_BYTES, ConnectionLimits, WyomingHandler, linger
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -30,13 +30,17 @@ class WyomingServer:
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[None], WyomingHandler] = {}
         self._max_connections: int = service.boot["max_connections"]
+        self._refusing = False  # at the limit since the last accepted connection: log only the first refusal
         self._limits = ConnectionLimits(
             idle_timeout_s=service.boot["idle_timeout_s"], read_timeout_s=service.boot["read_timeout_s"]
         )
 
     async def start(self, host: str, port: int) -> None:
         """Listen."""
-        self._server = await asyncio.start_server(self._accept, host, port, limit=MAX_HEADER_BYTES)
+        # A deep accept queue: a burst of connections is answered (over the limit: refused) rather than dropped.
+        self._server = await asyncio.start_server(
+            self._accept, host, port, limit=MAX_HEADER_BYTES, backlog=max(1024, self._max_connections * 2)
+        )
 
     @property
     def busy(self) -> int:
@@ -45,8 +49,9 @@ class WyomingServer:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._connections) >= self._max_connections:
-            await self._refuse(writer)
+            await self._refuse(reader, writer)
             return
+        self._refusing = False
         handler = WyomingHandler(self._service, reader, writer, self._limits)
         task = asyncio.current_task()
         assert task is not None  # noqa: S101 - asyncio runs callbacks in tasks
@@ -58,14 +63,21 @@ class WyomingServer:
             self._service.metrics.connections.dec()
             self._connections.pop(task, None)
 
-    async def _refuse(self, writer: asyncio.StreamWriter) -> None:
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One connection too many: say so in an event the client can read, then close."""
         self._service.metrics.connections_refused.inc()
-        _LOGGER.warning("Refusing a Wyoming connection: %d are open, the limit", self._max_connections)
+        if not self._refusing:
+            _LOGGER.warning(
+                "Refusing Wyoming connections: %d are open, the limit (MAX_CONNECTIONS); "
+                "whisper_gpu_connections_refused_total counts them",
+                self._max_connections,
+            )
+            self._refusing = True
         message = f"The server is busy: {self._max_connections} connections are open, the limit; try again later"
         with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
             async with asyncio.timeout(self._limits.idle_timeout_s):
                 await async_write_event(Error(text=message, code="server_busy").event(), writer)
+        await linger(reader, writer)
         writer.close()
 
     async def shutdown(self, grace_s: float) -> None:

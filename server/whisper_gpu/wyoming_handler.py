@@ -7,6 +7,7 @@ input gets an `error` event with a code while the client can still read it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -33,6 +34,7 @@ _LOGGER = logging.getLogger(__name__)
 MAX_HEADER_BYTES = 64 * 1024
 MAX_DATA_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+LINGER_S = 1.0
 _LEFT_WAITING = "the client left while its request waited for the model"
 ATTRIBUTION = Attribution(name="OpenAI Whisper on faster-whisper", url="https://github.com/SYSTRAN/faster-whisper")
 
@@ -138,6 +140,20 @@ def _length(header: dict[str, Any], key: str, limit: int) -> int:
     return value
 
 
+async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Before closing after an error: end our side, then drop what the client still sends, for a moment.
+
+    Closing a socket with unread input resets the connection, and a reset can destroy the error event before the
+    client has read it.
+    """
+    with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError, OSError):
+        if writer.can_write_eof():
+            writer.write_eof()
+        async with asyncio.timeout(LINGER_S):
+            while await reader.read(64 * 1024):
+                pass
+
+
 @dataclass(frozen=True)
 class ConnectionLimits:
     """How long a client may keep the server waiting."""
@@ -221,6 +237,7 @@ class WyomingHandler:
                 _LOGGER.warning("Closing connection from %s: %s", self.peer, err.message)
                 self._service.protocol_error(err.code)
                 await self._send_error(err.code, err.message)
+                await linger(self._reader, self._writer)
         except (ConnectionError, asyncio.IncompleteReadError, _ClientGoneError):
             pass
         finally:

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -413,6 +414,17 @@ async def test_describe_and_ping_are_answered_while_a_request_waits(
     assert heard(answers[2])
 
 
+async def test_requests_sent_back_to_back_are_answered_in_order(
+    whisper_server: ServerProcess, commands: list[Utterance]
+) -> None:
+    chosen = [utterance for utterance in commands if utterance.clear][:3]
+    async with AsyncTcpClient("127.0.0.1", whisper_server.wyoming_port) as client:
+        for utterance in chosen:
+            await send_request(client, utterance.pcm()[0])
+        answers = [heard(await asyncio.wait_for(client.read_event(), timeout=120)) for _ in chosen]
+    assert answers == [normalize(utterance.text) for utterance in chosen]
+
+
 async def test_a_corrected_audio_start_after_a_refused_one_is_served(
     whisper_server: ServerProcess, kitchen: Utterance
 ) -> None:
@@ -520,6 +532,33 @@ async def test_one_connection_over_the_limit_is_told_the_server_is_busy(
     audio, rate, width, channels = kitchen.pcm()
     assert heard(await transcribe(server.wyoming_port, audio, rate, width, channels)) == normalize(kitchen.text)
     await second.disconnect()
+
+
+async def test_a_thousand_idle_sockets_are_refused_or_timed_out_and_hold_nothing(
+    start_server: Callable[..., ServerProcess], kitchen: Utterance
+) -> None:
+    server = start_server(args=["--compute-type", "int8", "--max-connections", "64", "--idle-timeout-s", "3"])
+    assert server.process is not None
+    files_before = len(list(Path(f"/proc/{server.process.pid}/fd").iterdir()))
+
+    async def idle_socket() -> str | None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.wyoming_port)
+        try:
+            client = AsyncTcpClient("127.0.0.1", server.wyoming_port)
+            client._reader, client._writer = reader, writer
+            event = await asyncio.wait_for(client.read_event(), timeout=60)
+            assert await asyncio.wait_for(client.read_event(), timeout=10) is None, "the server must close"
+            return error_code(event)
+        finally:
+            writer.close()
+
+    codes = await asyncio.gather(*(idle_socket() for _ in range(1000)), return_exceptions=True)
+    assert codes.count("idle_timeout") == 64, Counter(repr(code) for code in codes)
+    assert codes.count("server_busy") == 1000 - 64, Counter(repr(code) for code in codes)
+    await wait_for_metric(server, "whisper_gpu_connections", lambda value: value == 0)
+    assert len(list(Path(f"/proc/{server.process.pid}/fd").iterdir())) <= files_before + 2
+    audio, rate, width, channels = kitchen.pcm()
+    assert heard(await transcribe(server.wyoming_port, audio, rate, width, channels)) == normalize(kitchen.text)
 
 
 async def test_endless_audio_stops_at_the_limit_with_what_came(
