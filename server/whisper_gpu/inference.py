@@ -33,6 +33,8 @@ class Urgency:
     """
 
     background: bool = False
+    started: bool = False
+    """Set by the queue when the job starts."""
 
 
 @dataclass
@@ -126,6 +128,8 @@ class InferenceQueue:
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
         self.in_flight = len(batch)
+        for job in batch:
+            job.urgency.started = True
         self._changed()
         if self._on_batch is not None:
             self._on_batch(len(batch))

@@ -33,6 +33,9 @@ class Transcriber(Protocol):
     ) -> tuple[TranscriptResult, str]:
         """Transcribe 16 kHz mono audio; the result and the model's name."""
 
+    def promote(self, urgency: Urgency) -> None:
+        """Raise background work to final; RequestError (server_busy) when it must wait and the queue is full."""
+
 
 @dataclass(frozen=True)
 class LiveSettings:
@@ -95,7 +98,11 @@ class LiveRequest:
         self._drop_partial()
         speculation = self._speculation
         if speculation is not None and not speculation.cancelled():
-            self._speculation_urgency.background = False  # it is somebody's final answer now
+            try:
+                self._service.promote(self._speculation_urgency)  # it is somebody's final answer now
+            except Exception:
+                self._drop_speculation()
+                raise
             try:
                 return await speculation
             except asyncio.CancelledError:

@@ -530,6 +530,13 @@ class Service:
             self.metrics.observe_stages(result.stages, result.fallbacks)
         return result, engine.name
 
+    def promote(self, urgency: Urgency) -> None:
+        """Make background work somebody's final answer: still waiting, it counts against MAX_QUEUE like a new one."""
+        if not urgency.started and self.queue.queued_finals >= self.settings["max_queue"]:
+            self.metrics.busy.inc()
+            raise RequestError("server_busy", f"{self.queue.queued} requests are waiting already; try again shortly")
+        urgency.background = False
+
     def live_settings(self) -> LiveSettings:
         """How requests are followed while their audio arrives: end of speech and partial transcripts."""
         values = self.settings.values

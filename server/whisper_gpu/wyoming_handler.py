@@ -59,6 +59,9 @@ class TranscriptionService(Protocol):
     ) -> tuple[TranscriptResult, str]:
         """Transcribe 16 kHz mono audio; the result and the model's name."""
 
+    def promote(self, urgency: Urgency) -> None:
+        """Raise background work to final (RequestError when the queue is full)."""
+
     def live_settings(self) -> LiveSettings:
         """End-of-command detection and partial transcripts for new requests."""
 
