@@ -31,6 +31,20 @@ TEST_MODEL = "tiny.en"
 SECOND_MODEL = "base"
 UTTERANCE = "turn on the kitchen light"
 STARTUP_TIMEOUT = 180.0
+# The options form as a user sees it: each section's fields, in order.
+OPTIONS_FORM: dict[str, tuple[str, ...]] = {
+    "model_settings": ("model", "compute_type"),
+    "decoding": ("language", "beam_size"),
+    "voice_activity_detection": (
+        "endpointing",
+        "end_of_speech_s",
+        "vad_threshold",
+        "min_speech_duration_ms",
+        "max_speech_duration_s",
+        "speech_pad_ms",
+    ),
+}
+OPTION_NAMES = tuple(name for names in OPTIONS_FORM.values() for name in names)
 # Beside ServerProcess's defaults (loopback, offline, no zeroconf, the model): the fast compute type.
 SERVER_ARGS = ("--compute-type", "int8")
 

@@ -13,7 +13,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.whisper_gpu.const import DOMAIN
 
-from .common import StubControlServer, WhisperGpuServer, mirror, poll, setup_entry, stub_entry
+from .common import OPTION_NAMES, StubControlServer, WhisperGpuServer, mirror, poll, setup_entry, stub_entry
 
 ENTITIES = (
     "stt.whisper_gpu_speech_to_text",
@@ -102,21 +102,7 @@ async def test_options_follow_the_server(
 ) -> None:
     """A change made on the server (curl, another client) shows up in the options."""
     await setup_entry(hass, config_entry)
-    assert config_entry.options == {
-        name: server.settings()[name]
-        for name in (
-            "model",
-            "compute_type",
-            "language",
-            "beam_size",
-            "endpointing",
-            "end_of_speech_s",
-            "vad_threshold",
-            "min_speech_duration_ms",
-            "max_speech_duration_s",
-            "speech_pad_ms",
-        )
-    }
+    assert config_entry.options == {name: server.settings()[name] for name in OPTION_NAMES}
 
     status, body = server.request("PATCH", "/api/v1/settings", {"beam_size": 2, "vad_threshold": 0.3})
     assert status == 200, body

@@ -11,29 +11,13 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.whisper_gpu.const import DOMAIN
 
-from .common import StubControlServer, WhisperGpuServer, mirror, setup_entry
-
-SECTIONS = ("model_settings", "decoding", "voice_activity_detection")
+from .common import OPTION_NAMES, OPTIONS_FORM, StubControlServer, WhisperGpuServer, mirror, setup_entry
 
 
 def form_input(settings: dict[str, Any], **changes: Any) -> dict[str, dict[str, Any]]:
     """Return the options form's input: the server's settings with changes, in sections."""
     values = {**settings, **changes}
-    return {
-        "model_settings": {name: values[name] for name in ("model", "compute_type")},
-        "decoding": {name: values[name] for name in ("language", "beam_size")},
-        "voice_activity_detection": {
-            name: values[name]
-            for name in (
-                "endpointing",
-                "end_of_speech_s",
-                "vad_threshold",
-                "min_speech_duration_ms",
-                "max_speech_duration_s",
-                "speech_pad_ms",
-            )
-        },
-    }
+    return {section_key: {name: values[name] for name in names} for section_key, names in OPTIONS_FORM.items()}
 
 
 async def test_options_form_is_built_from_the_server(
@@ -47,23 +31,12 @@ async def test_options_form_is_built_from_the_server(
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "init"
     schema = result["data_schema"].schema
-    assert [str(key) for key in schema] == list(SECTIONS)
+    assert [str(key) for key in schema] == list(OPTIONS_FORM)
     sections = {str(key): value for key, value in schema.items()}
     assert all(isinstance(value, section) for value in sections.values())
     assert sections["voice_activity_detection"].options == {"collapsed": True}
     fields = {str(key): (key, value) for value in sections.values() for key, value in value.schema.schema.items()}
-    assert set(fields) == {
-        "model",
-        "compute_type",
-        "language",
-        "beam_size",
-        "endpointing",
-        "end_of_speech_s",
-        "vad_threshold",
-        "min_speech_duration_ms",
-        "max_speech_duration_s",
-        "speech_pad_ms",
-    }
+    assert list(fields) == list(OPTION_NAMES)
     _, body = server.request("GET", "/api/v1/info")
     model_key, model_selector = fields["model"]
     assert model_selector.config["options"] == [model["name"] for model in body["models"] if model["usable"]]

@@ -124,6 +124,19 @@ async def test_a_lone_request_starts_at_once_and_later_ones_batch(
     assert all(r.stages["queue"] >= 0 for r in results)
 
 
+async def transcribe_then_note(
+    queue: InferenceQueue,
+    engine: WhisperEngine,
+    utterance: Utterance,
+    finished: list[str],
+    name: str,
+    urgency: Urgency | None = None,
+) -> None:
+    """Queue a request and note its name once its transcript is back, to see the order the queue kept."""
+    await queue.transcribe(engine, samples(utterance), options(10.0), urgency)
+    finished.append(name)
+
+
 async def test_final_transcripts_go_before_background_work_and_never_share_its_batch(
     tiny: WhisperEngine, commands: list[Utterance]
 ) -> None:
@@ -133,20 +146,20 @@ async def test_final_transcripts_go_before_background_work_and_never_share_its_b
     queue = InferenceQueue(max_batch=8, on_batch=batches.append)
     queue.start()
 
-    async def run(name: str, utterance: Utterance, urgency: Urgency | None = None) -> None:
-        await queue.transcribe(tiny, samples(utterance), options(10.0), urgency)
-        finished.append(name)
-
     try:
-        busy = asyncio.create_task(run("running", commands[0]))
+        busy = asyncio.create_task(transcribe_then_note(queue, tiny, commands[0], finished, "running"))
         for _ in range(3):
             await asyncio.sleep(0)
         assert queue.in_flight == 1
         waiting = [
-            asyncio.create_task(run("partial", commands[1], Urgency(background=True))),
-            asyncio.create_task(run("speculation", commands[2], Urgency(background=True))),
-            asyncio.create_task(run("final", commands[3])),
-            asyncio.create_task(run("another final", commands[4])),
+            asyncio.create_task(
+                transcribe_then_note(queue, tiny, commands[1], finished, "partial", Urgency(background=True))
+            ),
+            asyncio.create_task(
+                transcribe_then_note(queue, tiny, commands[2], finished, "speculation", Urgency(background=True))
+            ),
+            asyncio.create_task(transcribe_then_note(queue, tiny, commands[3], finished, "final")),
+            asyncio.create_task(transcribe_then_note(queue, tiny, commands[4], finished, "another final")),
         ]
         for _ in range(3):
             await asyncio.sleep(0)
@@ -165,17 +178,15 @@ async def test_background_work_raised_to_final_goes_first(tiny: WhisperEngine, c
     queue.start()
     promoted = Urgency(background=True)
 
-    async def run(name: str, utterance: Utterance, urgency: Urgency | None = None) -> None:
-        await queue.transcribe(tiny, samples(utterance), options(10.0), urgency)
-        finished.append(name)
-
     try:
-        busy = asyncio.create_task(run("running", commands[0]))
+        busy = asyncio.create_task(transcribe_then_note(queue, tiny, commands[0], finished, "running"))
         for _ in range(3):
             await asyncio.sleep(0)
         waiting = [
-            asyncio.create_task(run("partial", commands[1], Urgency(background=True))),
-            asyncio.create_task(run("speculation", commands[2], promoted)),
+            asyncio.create_task(
+                transcribe_then_note(queue, tiny, commands[1], finished, "partial", Urgency(background=True))
+            ),
+            asyncio.create_task(transcribe_then_note(queue, tiny, commands[2], finished, "speculation", promoted)),
         ]
         for _ in range(3):
             await asyncio.sleep(0)
