@@ -94,6 +94,7 @@ async def measure(name: str, port: int, clips: list[tuple[str, np.ndarray]]) -> 
         "max_s": round(max(waits), 3),
         "word_error_rate": round(jiwer.wer(references, [normalize(text) for text in texts]), 4),
         "waits_s": [round(wait, 3) for wait in waits],
+        "texts": texts,
     }
     print(f"{name}: median {figures['median_s']} s, p90 {figures['p90_s']} s, WER {figures['word_error_rate']}")
     return figures

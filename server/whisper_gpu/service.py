@@ -525,10 +525,7 @@ class Service:
             raise RequestError("server_busy", f"{self.queue.queued} requests are waiting already; try again shortly")
         engine = await self.models.acquire()
         options = DecodeOptions.from_settings(self.settings.values, decode_language)
-        result = await self.queue.transcribe(engine, audio, options, urgency)
-        if not background:
-            self.metrics.observe_stages(result.stages, result.fallbacks)
-        return result, engine.name
+        return await self.queue.transcribe(engine, audio, options, urgency), engine.name
 
     def promote(self, urgency: Urgency) -> None:
         """Make background work somebody's final answer: still waiting, it counts against MAX_QUEUE like a new one."""
@@ -576,9 +573,16 @@ class Service:
         """Count bad input from a Wyoming client."""
         self.metrics.protocol_errors.labels(code).inc()
 
-    def record(self, outcome: str, audio_seconds: float, processing_seconds: float) -> FinishedRequest:
-        """Count a finished request in the metrics and in the status."""
+    def record(
+        self, outcome: str, audio_seconds: float, processing_seconds: float, result: TranscriptResult | None = None
+    ) -> FinishedRequest:
+        """Count a finished request in the metrics and in the status, with where its time went when answered.
+
+        Stages are counted here, for answers only: partial transcripts and dropped speculations are not requests.
+        """
         finished = FinishedRequest(outcome, audio_seconds, processing_seconds, datetime.now(UTC))
+        if result is not None:
+            self.metrics.observe_stages(result.stages, result.fallbacks)
         self.metrics.requests.labels(outcome).inc()
         self.requests_total += 1
         if outcome in ("ok", "no_speech", "truncated"):

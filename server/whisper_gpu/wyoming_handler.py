@@ -74,8 +74,10 @@ class TranscriptionService(Protocol):
     def log_transcripts(self) -> bool:
         """Whether transcript text may be logged."""
 
-    def record(self, outcome: str, audio_seconds: float, processing_seconds: float) -> Any:
-        """Count a finished request."""
+    def record(
+        self, outcome: str, audio_seconds: float, processing_seconds: float, result: TranscriptResult | None = None
+    ) -> Any:
+        """Count a finished request (with its result when it was answered)."""
 
     def protocol_error(self, code: str) -> None:
         """Count bad input."""
@@ -397,7 +399,7 @@ class WyomingHandler:
             return
         elapsed = time.monotonic() - started
         outcome = "truncated" if audio_buffer.truncated else ("ok" if result.text else "no_speech")
-        self._service.record(outcome, seconds, elapsed)
+        self._service.record(outcome, seconds, elapsed, result)
         note = f"stopped at the {self._service.max_audio_seconds():g} s limit" if audio_buffer.truncated else ""
         self._log(seconds, elapsed, model=model, outcome=outcome, note=note, text=result.text)
         await self._write(Transcript(text=result.text, language=result.language).event())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -122,6 +123,11 @@ async def test_the_transcript_comes_once_the_speaker_is_silent_not_at_audio_stop
     assert END_OF_SPEECH_S <= at <= END_OF_SPEECH_S + MARGIN_S, f"transcript {at:.2f} s after the speech ended"
     assert exchange.stop_sent_at is not None
     assert at < exchange.stop_sent_at, "the server waited for audio-stop"
+    # The answer came from the transcription started at the pause: its stages count as the request's.
+    _, metrics = streaming_server.get("/metrics")
+    encoder = re.search(r'^whisper_gpu_stage_seconds_count\{stage="encoder"\} (\S+)$', metrics, re.MULTILINE)
+    assert encoder is not None
+    assert float(encoder.group(1)) >= 1
 
 
 async def test_a_pause_inside_a_command_does_not_cut_it(streaming_server: ServerProcess, speech_dir: Path) -> None:
