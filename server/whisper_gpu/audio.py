@@ -128,13 +128,15 @@ class AudioBuffer:
         new, self._taken = self._parts[self._taken :], len(self._parts)
         return np.concatenate(new) if new else np.zeros(0, dtype=np.float32)
 
+    def so_far(self) -> np.ndarray:
+        """The 16 kHz audio converted so far (the resampler's last few samples come only with `finish`)."""
+        return np.concatenate(self._parts) if self._parts else np.zeros(0, dtype=np.float32)
+
     def finish(self) -> np.ndarray:
         """All audio of the request as one array."""
         if self._resampler is not None:
             self._keep(self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
-        if not self._parts:
-            return np.zeros(0, dtype=np.float32)
-        return np.concatenate(self._parts)
+        return self.so_far()
 
     def _convert(self, piece: memoryview) -> None:
         samples = np.frombuffer(piece, dtype=_DTYPES[self.format.width]).astype(np.float32)

@@ -51,13 +51,17 @@ class LiveSettings:
 
 
 class LiveRequest:
-    """The audio of one request as it arrives, with the speculative and partial work done on it."""
+    """The audio of one request as it arrives, with the speculative and partial work done on it.
+
+    The audio itself stays with its owner, who hands over each new piece and, on demand, all of it so far.
+    """
 
     def __init__(
         self,
         service: Transcriber,
         language: str | None,
         settings: LiveSettings,
+        audio_so_far: Callable[[], np.ndarray],
         on_partial: Callable[[str], Awaitable[None]],
     ) -> None:
         self._service = service
@@ -65,7 +69,7 @@ class LiveRequest:
         self._settings = settings
         self._on_partial = on_partial
         self._endpointer = Endpointer(settings.endpoint) if settings.endpoint else None
-        self._pieces: list[np.ndarray] = []
+        self._audio = audio_so_far
         self._samples = 0
         self._speculation: asyncio.Task[tuple[TranscriptResult, str]] | None = None
         self._speculation_urgency = Urgency(background=True)
@@ -82,7 +86,6 @@ class LiveRequest:
         """Take newly arrived audio; True when it ended the command."""
         if self.ended or not len(audio):
             return self.ended
-        self._pieces.append(audio)
         self._samples += len(audio)
         for event in self._endpointer.feed(audio) if self._endpointer else ():
             if event is SpeechEvent.PAUSE:
@@ -114,11 +117,6 @@ class LiveRequest:
         """Drop background work that nobody will read."""
         self._drop_partial()
         self._drop_speculation()
-
-    def _audio(self) -> np.ndarray:
-        if len(self._pieces) > 1:
-            self._pieces = [np.concatenate(self._pieces)]
-        return self._pieces[0]
 
     def _speculate(self) -> None:
         """The speaker paused: transcribe what they said so far, in case this is the end."""

@@ -317,7 +317,11 @@ class WyomingHandler:
         request.streaming = live.partial_interval_s > 0
         if live.active:
             request.live = LiveRequest(
-                self._service, request.language, live, on_partial=lambda text: self._send_partial(request, text)
+                self._service,
+                request.language,
+                live,
+                audio_so_far=request.audio.so_far,
+                on_partial=lambda text: self._send_partial(request, text),
             )
 
     async def _on_audio_chunk(self, event: Event) -> None:
