@@ -1,6 +1,7 @@
 """Polls a whisper-gpu server's status and keeps Home Assistant in step with it."""
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, override
 
 from homeassistant.core import HomeAssistant, callback
@@ -19,6 +20,8 @@ from .const import DOMAIN, LOGGER, OPTION_SETTINGS, SCAN_INTERVAL
 from .data import WhisperGpuConfigEntry
 
 STATE_FAILED = "failed"
+# While the server loads or downloads a model, poll this often, so the new model shows as soon as it serves.
+SWITCH_SCAN_INTERVAL = timedelta(seconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,8 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
 
         self._async_sync_options(settings)
         self._async_update_model_issue(status)
+        switching = status.target is not None
+        self.update_interval = SWITCH_SCAN_INTERVAL if switching else SCAN_INTERVAL
         return WhisperGpuState(status=status, settings=settings)
 
     @callback

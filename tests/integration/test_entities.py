@@ -1,5 +1,6 @@
 """The model select and the sensors, on a real server."""
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -11,10 +12,11 @@ from homeassistant.core import HomeAssistant
 from homeassistant.exceptions import HomeAssistantError
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
-from custom_components.whisper_gpu.const import DOMAIN
+from custom_components.whisper_gpu.const import DOMAIN, SCAN_INTERVAL
 
 from .common import (
     SECOND_MODEL,
+    STARTUP_TIMEOUT,
     TEST_MODEL,
     StubControlServer,
     WhisperGpuServer,
@@ -62,6 +64,23 @@ async def test_select_switches_model(
     entity = stt.async_get_speech_to_text_entity(hass, STT_ENTITY_ID)
     assert entity is not None
     assert "de" in entity.supported_languages
+
+
+async def test_a_switch_shows_as_soon_as_the_new_model_serves(
+    hass: HomeAssistant, server: WhisperGpuServer, config_entry: MockConfigEntry
+) -> None:
+    """While the server loads a model the entities follow it closely, not at the next 30 s poll."""
+    await setup_entry(hass, config_entry)
+    started = asyncio.get_running_loop().time()
+
+    await select_model(hass, SECOND_MODEL)
+    async with asyncio.timeout(STARTUP_TIMEOUT):
+        while hass.states.get("sensor.whisper_gpu_loaded_model").state != SECOND_MODEL:
+            await asyncio.sleep(0.1)
+
+    assert asyncio.get_running_loop().time() - started < SCAN_INTERVAL.total_seconds() / 2
+    assert hass.states.get("sensor.whisper_gpu_model_state").state == "ready"
+    assert config_entry.runtime_data.coordinator.update_interval == SCAN_INTERVAL, "back to the slow poll"
 
 
 @pytest.mark.parametrize(
