@@ -43,6 +43,7 @@ class EndpointSettings:
     min_speech_s: float
     end_silence_s: float
     pause_s: float = 0.2
+    """Silence that makes a pause; at most half the end silence, so that a pause comes well before the end."""
 
 
 class StreamingVad:
@@ -138,7 +139,7 @@ class Endpointer:
         if silent_s >= self._settings.end_silence_s:
             self.ended = True
             return SpeechEvent.END
-        if not self._paused and silent_s >= self._settings.pause_s:
+        if not self._paused and silent_s >= min(self._settings.pause_s, self._settings.end_silence_s / 2):
             self._paused = True
             return SpeechEvent.PAUSE
         return None

@@ -148,8 +148,6 @@ class LiveRequest:
     async def _make_partial(self, audio: np.ndarray, *, mid_word: bool) -> None:
         try:
             result, _ = await self._service.transcribe(audio, self._language, urgency=Urgency(background=True))
-        except asyncio.CancelledError:
-            raise
         except Exception as err:  # noqa: BLE001 - a partial transcript is a courtesy; the final one reports errors
             _LOGGER.debug("Partial transcript failed: %s", err)
             return

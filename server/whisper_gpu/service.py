@@ -61,8 +61,6 @@ from .settings import (
 
 _LOGGER = logging.getLogger(__name__)
 
-# Silence after which the speech so far is transcribed in case the command is over (at most half the end silence).
-_SPECULATION_PAUSE_S = 0.2
 RELOAD_SETTINGS = frozenset(name for name in RUNTIME_SETTINGS if SETTINGS[name].reload)
 SERVER_ID_FILE = "server_id"
 TOKEN_FILE = "control_token"  # noqa: S105 - a file name, not a secret
@@ -542,7 +540,6 @@ class Service:
                 threshold=values["vad_threshold"],
                 min_speech_s=values["min_speech_duration_ms"] / 1000,
                 end_silence_s=values["end_of_speech_s"],
-                pause_s=min(_SPECULATION_PAUSE_S, values["end_of_speech_s"] / 2),
             )
             if values["endpointing"]
             else None

@@ -179,8 +179,8 @@ class _Request:
     `stream_refused`: the audio stream was refused (its format); a corrected `audio-start` retries.
     `submitted`: its audio went to the model; later audio of the same stream is dropped.
     `live`: follows the audio as it arrives (end of speech, partial transcripts) when the settings ask for it.
-    `streaming`: partial text goes to the client (transcript-start, transcript-chunk...; after the final transcript,
-    transcript-stop); a request answered before any partial gets the transcript alone, as from a non-streaming server.
+    `stream_started`: partial text went to the client (transcript-start, transcript-chunk...), so the final transcript
+    is followed by transcript-stop; a request answered before any partial gets the transcript alone.
     """
 
     language: str | None
@@ -189,7 +189,6 @@ class _Request:
     stream_refused: bool = False
     submitted: bool = False
     live: LiveRequest | None = None
-    streaming: bool = False
     stream_started: bool = False
 
     @property
@@ -314,7 +313,6 @@ class WyomingHandler:
             await self._refuse_stream(f"audio-start: {err}")
             return
         live = self._service.live_settings()
-        request.streaming = live.partial_interval_s > 0
         if live.active:
             request.live = LiveRequest(
                 self._service,
@@ -412,14 +410,12 @@ class WyomingHandler:
 
     async def _send_partial(self, request: _Request, text: str) -> None:
         """The text so far, while the audio still arrives (streaming clients show it; others skip it)."""
-        if request.collecting and request.streaming:
-            await self._start_stream(request)
-            await self._write(TranscriptChunk(text=text).event())
-
-    async def _start_stream(self, request: _Request) -> None:
+        if not request.collecting:
+            return
         if not request.stream_started:
             request.stream_started = True
             await self._write(TranscriptStart(language=request.language).event())
+        await self._write(TranscriptChunk(text=text).event())
 
     async def _refuse(self, code: str, message: str) -> None:
         """Refuse the current request: tell the client now, drop its audio until the next request."""
