@@ -106,14 +106,14 @@ class Metrics:
         )
         self.stage_seconds = Histogram(
             "whisper_gpu_stage_seconds",
-            "Where a request's time went: queue, vad, features, encoder, decoder, fallback (full-window redo)",
+            "Where a request's time went: queue, vad, features, encoder, decoder, fallback (redo in a wider window)",
             ["stage"],
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0),
             registry=registry,
         )
         self.window_fallbacks = Counter(
             "whisper_gpu_window_fallbacks",
-            "Pieces decoded again in the full 30 s window because the fitted window's decode looped or was unsure",
+            "Pieces decoded again in a wider window because the fitted window's decode looped or was unsure",
             registry=registry,
         )
         self.connections = Gauge("whisper_gpu_connections", "Open Wyoming connections", registry=registry)

@@ -354,7 +354,7 @@ SETTINGS: Mapping[str, SettingSpec] = _spec_table(
         minimum=1.0,
         maximum=30.0,
         description="Seconds of audio the encoder sees at once; shorter is faster, longer speech is split at "
-        "pauses, and a looping or unsure decode is redone in Whisper's full 30 s window",
+        "pauses, and a looping decode is redone in the full 30 s window, an unsure one in a window twice as long",
         runtime=True,
     ),
     SettingSpec(
