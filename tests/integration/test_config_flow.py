@@ -80,9 +80,9 @@ async def test_user_creates_entry(hass: HomeAssistant, server: WhisperGpuServer)
     entry = result["result"]
     assert entry.unique_id == server.server_id
     assert entry.state is ConfigEntryState.LOADED
-    # The options mirror the server's settings from the first poll on.
-    assert entry.options["model"] == "tiny.en"
-    assert entry.options["beam_size"] == server.settings()["beam_size"]
+    # The settings stay on the server: the entry keeps no copy of them.
+    assert entry.options == {}
+    assert entry.runtime_data.coordinator.data.settings == server.settings()
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,6 @@ async def test_diagnostics_redact_token_and_host(
     assert diagnostics["entry"]["data"]["token"] == "**REDACTED**"  # noqa: S105
     assert diagnostics["entry"]["data"]["host"] == "**REDACTED**"
     assert diagnostics["entry"]["data"]["wyoming_port"] == server.wyoming_port
-    assert diagnostics["entry"]["options"]["model"] == "tiny.en"
     assert diagnostics["server"]["info"]["server_id"] == server.server_id
     assert diagnostics["server"]["status"]["state"] == "ready"
     assert diagnostics["server"]["settings"]["model"] == "tiny.en"

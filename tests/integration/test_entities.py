@@ -57,7 +57,6 @@ async def test_select_switches_model(
     server.wait_state("ready")
     assert server.settings()["model"] == SECOND_MODEL
     await poll(hass)
-    assert config_entry.options["model"] == SECOND_MODEL
 
     assert hass.states.get(SELECT_ENTITY_ID).state == SECOND_MODEL
     assert hass.states.get("sensor.whisper_gpu_loaded_model").state == SECOND_MODEL
@@ -112,7 +111,7 @@ async def test_select_errors(
     assert err.value.translation_domain == DOMAIN
     assert err.value.translation_key == translation_key
     assert hass.states.get(SELECT_ENTITY_ID).state == TEST_MODEL
-    assert entry.options["model"] == TEST_MODEL
+    assert entry.runtime_data.coordinator.data.settings["model"] == TEST_MODEL
     assert len(hass.config_entries.flow.async_progress_by_handler(DOMAIN)) == reauth
 
 

@@ -1,4 +1,4 @@
-"""Setup, unload, migration, availability and the options mirror, with a real server."""
+"""Setup, unload, availability, settings read from the server and repairs, with a real server."""
 
 from typing import Any
 
@@ -13,7 +13,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.whisper_gpu.const import DOMAIN
 
-from .common import OPTION_NAMES, StubControlServer, WhisperGpuServer, mirror, poll, setup_entry, stub_entry
+from .common import StubControlServer, WhisperGpuServer, mirror, poll, setup_entry, stub_entry
 
 ENTITIES = (
     "stt.whisper_gpu_speech_to_text",
@@ -76,40 +76,25 @@ async def test_setup_retries_while_wyoming_down(
     assert entry.error_reason_translation_key == "wyoming_unreachable"
 
 
-async def test_migration_from_older_minor_version(hass: HomeAssistant, server: WhisperGpuServer) -> None:
-    """An entry stored by an older version is brought up to date and loads."""
-    config_entry = MockConfigEntry(
-        domain=DOMAIN, version=1, minor_version=0, unique_id=server.server_id, data=server.entry_data()
-    )
-    await setup_entry(hass, config_entry)
-    assert config_entry.state is ConfigEntryState.LOADED
-    assert (config_entry.version, config_entry.minor_version) == (1, 1)
-
-
-async def test_migration_refuses_newer_version(
-    hass: HomeAssistant, server: WhisperGpuServer, caplog: pytest.LogCaptureFixture
-) -> None:
-    """An entry stored by a newer version is not touched."""
-    config_entry = MockConfigEntry(domain=DOMAIN, version=2, unique_id=server.server_id, data=server.entry_data())
-    await setup_entry(hass, config_entry)
-    assert config_entry.state is ConfigEntryState.MIGRATION_ERROR
-    assert config_entry.version == 2
-    assert "has version 2 which is higher than the current version 1" in caplog.text
-
-
-async def test_options_follow_the_server(
+async def test_settings_changed_on_the_server_show_in_the_options_form(
     hass: HomeAssistant, server: WhisperGpuServer, config_entry: MockConfigEntry
 ) -> None:
-    """A change made on the server (curl, another client) shows up in the options."""
+    """A change made on the server (curl, another client) is what the options form offers next; no copy is kept."""
     await setup_entry(hass, config_entry)
-    assert config_entry.options == {name: server.settings()[name] for name in OPTION_NAMES}
 
     status, body = server.request("PATCH", "/api/v1/settings", {"beam_size": 2, "vad_threshold": 0.3})
     assert status == 200, body
     await poll(hass)
 
-    assert config_entry.options["beam_size"] == 2
-    assert config_entry.options["vad_threshold"] == 0.3
+    result = await hass.config_entries.options.async_init(config_entry.entry_id)
+    suggested = {
+        str(key): key.description["suggested_value"]
+        for value in result["data_schema"].schema.values()
+        for key in value.schema.schema
+    }
+    assert suggested["beam_size"] == 2
+    assert suggested["vad_threshold"] == 0.3
+    assert config_entry.options == {}
     assert config_entry.state is ConfigEntryState.LOADED
 
 
@@ -118,7 +103,7 @@ async def test_unavailable_while_down_and_back_by_itself(
     own_server: WhisperGpuServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Down: unavailable, logged once. Back (restarted with a new boot value): available, options updated."""
+    """Down: unavailable, logged once. Back (restarted with a new boot value): available, settings read again."""
     own_server.start()
     status, body = own_server.request("PATCH", "/api/v1/settings", {"beam_size": 3})
     assert status == 200, body
@@ -126,7 +111,7 @@ async def test_unavailable_while_down_and_back_by_itself(
         domain=DOMAIN, title="whisper-gpu", unique_id=own_server.server_id, data=own_server.entry_data()
     )
     await setup_entry(hass, entry)
-    assert entry.options["beam_size"] == 3
+    assert entry.runtime_data.coordinator.data.settings["beam_size"] == 3
 
     own_server.stop()
     await poll(hass)
@@ -141,7 +126,7 @@ async def test_unavailable_while_down_and_back_by_itself(
     assert hass.states.get("sensor.whisper_gpu_model_state").state == "ready"
     assert hass.states.get("select.whisper_gpu_model").state == "tiny.en"
     assert caplog.text.count("Fetching whisper-gpu data recovered") == 1
-    assert entry.options["beam_size"] == 2
+    assert entry.runtime_data.coordinator.data.settings["beam_size"] == 2
     assert entry.state is ConfigEntryState.LOADED
 
 
