@@ -118,7 +118,8 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
         if user_input is not None:
             info, errors = await self._async_validate(user_input)
             if info is not None:
-                await self.async_set_unique_id(info.server_id)
+                # A discovery card for the same server may be open: typing it in by hand still wins.
+                await self.async_set_unique_id(info.server_id, raise_on_progress=False)
                 self._abort_if_unique_id_configured(updates=user_input)
                 return self.async_create_entry(title=info.name, data=user_input)
         return self.async_show_form(

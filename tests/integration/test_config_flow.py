@@ -174,6 +174,21 @@ async def test_zeroconf_found_twice_is_one_flow(hass: HomeAssistant, server: Whi
     assert second["reason"] == "already_in_progress"
 
 
+async def test_user_adds_a_server_whose_discovery_card_is_open(hass: HomeAssistant, server: WhisperGpuServer) -> None:
+    """Typing in a server that discovery also found adds it; the open card does not block the user."""
+    discovered = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": SOURCE_ZEROCONF}, data=zeroconf_info(server)
+    )
+    assert discovered["type"] is FlowResultType.FORM
+
+    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], server.entry_data())
+    await hass.async_block_till_done()
+
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["result"].unique_id == server.server_id
+
+
 async def test_zeroconf_updates_moved_server(hass: HomeAssistant, server: WhisperGpuServer) -> None:
     """A known server announced at a new address: the entry follows it."""
     entry = MockConfigEntry(domain=DOMAIN, unique_id=server.server_id, data=server.entry_data(host=OTHER_HOST))
