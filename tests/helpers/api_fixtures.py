@@ -72,7 +72,7 @@ async def capture(server: ServerProcess) -> dict[str, Any]:
     answers: dict[str, Any] = {}
     for name, path in ENDPOINTS.items():
         status, body = server.get(path)
-        if status != 200:  # noqa: PLR2004
+        if status != 200:
             msg = f"GET {path} answered {status}: {body}"
             raise RuntimeError(msg)
         answers[name] = body
