@@ -24,7 +24,7 @@ from wyoming.event import Event, async_read_event, async_write_event
 from wyoming.info import AsrModel, AsrProgram, Attribution, Describe, Info
 from wyoming.ping import Ping
 
-from custom_components.whisper_gpu.const import CONF_CONTROL_PORT, CONF_WYOMING_PORT, DOMAIN, SCAN_INTERVAL
+from custom_components.whisper_gpu.const import CONF_CONTROL_PORT, CONF_WYOMING_PORT, SCAN_INTERVAL
 
 HOST = "127.0.0.1"
 TEST_MODEL = "tiny.en"
@@ -153,9 +153,12 @@ class StubControlServer:
             self.runner = None
 
 
-async def setup_entry(hass: HomeAssistant, entry: MockConfigEntry) -> None:
-    """Add the entry to hass and set it up."""
-    entry.add_to_hass(hass)
+async def setup_integration(hass: HomeAssistant, entry: MockConfigEntry, **connection: Any) -> None:
+    """Add the entry to hass, with other connection data if given (another server, a closed port), and set it up."""
+    if hass.config_entries.async_get_entry(entry.entry_id) is None:
+        entry.add_to_hass(hass)
+    if connection:
+        hass.config_entries.async_update_entry(entry, data={**entry.data, **connection})
     await hass.config_entries.async_setup(entry.entry_id)
     await hass.async_block_till_done()
 
@@ -171,16 +174,6 @@ def mirror(stub: StubControlServer, server: WhisperGpuServer) -> None:
     for path in ("/api/v1/info", "/api/v1/settings", "/api/v1/status"):
         stub.routes["GET", path] = server.request("GET", path)
     stub.routes["GET", "/api/v1/auth"] = (204, None)
-
-
-def stub_entry(stub: StubControlServer, server: WhisperGpuServer) -> MockConfigEntry:
-    """A config entry for the real server whose control port is the stub's."""
-    return MockConfigEntry(
-        domain=DOMAIN,
-        title="whisper-gpu",
-        unique_id=server.server_id,
-        data=server.entry_data(control_port=stub.port),
-    )
 
 
 def metadata(language: str = "en") -> stt.SpeechMetadata:

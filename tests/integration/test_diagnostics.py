@@ -7,19 +7,19 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from pytest_homeassistant_custom_component.components.diagnostics import get_diagnostics_for_config_entry
 from pytest_homeassistant_custom_component.typing import ClientSessionGenerator
 
-from .common import WhisperGpuServer, setup_entry
+from .common import WhisperGpuServer, setup_integration
 
 
 async def test_diagnostics_redact_token_and_host(
     hass: HomeAssistant,
     hass_client: ClientSessionGenerator,
     server: WhisperGpuServer,
-    config_entry: MockConfigEntry,
+    mock_config_entry: MockConfigEntry,
 ) -> None:
     """The server's info, status and settings are there; the token and the host are not."""
-    await setup_entry(hass, config_entry)
+    await setup_integration(hass, mock_config_entry)
 
-    diagnostics = await get_diagnostics_for_config_entry(hass, hass_client, config_entry)
+    diagnostics = await get_diagnostics_for_config_entry(hass, hass_client, mock_config_entry)
 
     assert diagnostics["entry"]["data"]["token"] == "**REDACTED**"  # noqa: S105
     assert diagnostics["entry"]["data"]["host"] == "**REDACTED**"
