@@ -6,6 +6,7 @@ from typing import Any, override
 
 from homeassistant.core import HomeAssistant, callback
 from homeassistant.exceptions import ConfigEntryAuthFailed
+from homeassistant.helpers import device_registry as dr
 from homeassistant.helpers import issue_registry as ir
 from homeassistant.helpers.update_coordinator import DataUpdateCoordinator, UpdateFailed
 
@@ -79,6 +80,15 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
             raise ConfigEntryAuthFailed(translation_domain=DOMAIN, translation_key="invalid_auth") from err
         except WhisperGpuError as err:
             raise _update_failed(err) from err
+        self._async_update_device()
+
+    @callback
+    def _async_update_device(self) -> None:
+        """Show the version and the device of a server that came back upgraded or on other hardware."""
+        registry = dr.async_get(self.hass)
+        device = registry.async_get_device_by_identifier((DOMAIN, self.info.server_id), self.config_entry.entry_id)
+        if device is not None and (device.sw_version, device.hw_version) != (self.info.version, self.info.device_name):
+            registry.async_update_device(device.id, sw_version=self.info.version, hw_version=self.info.device_name)
 
     @override
     async def _async_update_data(self) -> WhisperGpuState:

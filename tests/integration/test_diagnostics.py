@@ -1,11 +1,14 @@
 """Diagnostics: what a user attaches to a bug report, without secrets."""
 
 import json
+from unittest.mock import AsyncMock
 
 from homeassistant.core import HomeAssistant
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 from pytest_homeassistant_custom_component.components.diagnostics import get_diagnostics_for_config_entry
 from pytest_homeassistant_custom_component.typing import ClientSessionGenerator
+from syrupy.assertion import SnapshotAssertion
+from syrupy.filters import props
 
 from .common import WhisperGpuServer, setup_integration
 
@@ -30,3 +33,18 @@ async def test_diagnostics_redact_token_and_host(
     assert diagnostics["server"]["last_update_success"] is True
     assert diagnostics["wyoming_asr"]["requires_external_vad"] is False, "the server ends commands itself"
     assert server.token not in json.dumps(diagnostics)
+
+
+async def test_diagnostics_snapshot(
+    hass: HomeAssistant,
+    hass_client: ClientSessionGenerator,
+    mock_client: AsyncMock,
+    mock_config_entry: MockConfigEntry,
+    snapshot: SnapshotAssertion,
+) -> None:
+    """Fast layer: the whole diagnostics of the captured server, as a user would attach them."""
+    await setup_integration(hass, mock_config_entry)
+
+    diagnostics = await get_diagnostics_for_config_entry(hass, hass_client, mock_config_entry)
+
+    assert diagnostics == snapshot(exclude=props("entry_id", "created_at", "modified_at"))

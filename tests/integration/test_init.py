@@ -1,6 +1,8 @@
 """Setup, unload, availability, settings read from the server and repairs, with a real server."""
 
+import dataclasses
 from typing import Any
+from unittest.mock import AsyncMock
 
 import pytest
 from homeassistant.config_entries import ConfigEntryState
@@ -11,6 +13,7 @@ from homeassistant.helpers import entity_registry as er
 from homeassistant.helpers import issue_registry as ir
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
+from custom_components.whisper_gpu.api import WhisperGpuConnectionError
 from custom_components.whisper_gpu.const import DOMAIN
 
 from .common import StubControlServer, WhisperGpuServer, mirror, poll, setup_integration
@@ -221,4 +224,32 @@ async def test_unexpected_answers_make_entities_unavailable(
 
     stub_server.routes[route] = good
     await poll(hass)
+    assert hass.states.get("sensor.whisper_gpu_model_state").state == "ready"
+
+
+async def test_device_follows_an_upgraded_server(
+    hass: HomeAssistant,
+    mock_client: AsyncMock,
+    mock_config_entry: MockConfigEntry,
+    device_registry: dr.DeviceRegistry,
+) -> None:
+    """Fast layer: a server that comes back upgraded, on a GPU, shows its new version and device."""
+    await setup_integration(hass, mock_config_entry)
+    info = mock_client.async_get_info.return_value
+    device = device_registry.async_get_device_by_identifier((DOMAIN, info.server_id), mock_config_entry.entry_id)
+    assert device is not None
+    assert (device.sw_version, device.hw_version) == (info.version, "Test CPU")
+
+    status = mock_client.async_get_status.return_value
+    mock_client.async_get_status.side_effect = WhisperGpuConnectionError("restarting")
+    await poll(hass)
+    assert hass.states.get("sensor.whisper_gpu_model_state").state == STATE_UNAVAILABLE
+    mock_client.async_get_status.side_effect = None
+    mock_client.async_get_status.return_value = status
+    mock_client.async_get_info.return_value = dataclasses.replace(info, version="9.9.9", device_name="NVIDIA L4")
+    await poll(hass)
+
+    device = device_registry.async_get_device_by_identifier((DOMAIN, info.server_id), mock_config_entry.entry_id)
+    assert device is not None
+    assert (device.sw_version, device.hw_version) == ("9.9.9", "NVIDIA L4")
     assert hass.states.get("sensor.whisper_gpu_model_state").state == "ready"
