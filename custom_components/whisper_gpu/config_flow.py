@@ -6,7 +6,6 @@ from typing import Any, override
 import probatio
 from homeassistant.config_entries import (
     SOURCE_HASSIO,
-    ConfigEntry,
     ConfigEntryState,
     ConfigFlow,
     ConfigFlowResult,
@@ -89,7 +88,7 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
     @staticmethod
     @callback
     @override
-    def async_get_options_flow(config_entry: ConfigEntry) -> WhisperGpuOptionsFlow:
+    def async_get_options_flow(config_entry: WhisperGpuConfigEntry) -> WhisperGpuOptionsFlow:
         """Return the options flow: the server's settings."""
         return WhisperGpuOptionsFlow()
 
