@@ -48,6 +48,22 @@ def auto_enable_custom_integrations(enable_custom_integrations: None) -> None:
     """Let Home Assistant load custom_components/whisper_gpu."""
 
 
+# Fixtures that start or share a real server: the tests that use one are the end-to-end layer.
+REAL_SERVER_FIXTURES = {"server", "session_server", "own_server"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the marker of the end-to-end layer: `-m "not e2e"` runs the fast layer alone."""
+    config.addinivalue_line("markers", "e2e: runs Home Assistant against a real whisper-gpu server")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that need a real server."""
+    for item in items:
+        if REAL_SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture
 def snapshot(snapshot: SnapshotAssertion) -> SnapshotAssertion:
     """Snapshots as Home Assistant core writes them (ids and times left out), in snapshots/."""
