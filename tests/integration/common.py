@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Self
 
 import pytest
 from aiohttp import web
+from helpers import api_fixtures
 from helpers.server import ServerProcess, free_port
 from homeassistant.components import stt
 from homeassistant.const import CONF_HOST, CONF_TOKEN
@@ -45,6 +46,13 @@ OPTIONS_FORM: dict[str, tuple[str, ...]] = {
     ),
 }
 OPTION_NAMES = tuple(name for names in OPTIONS_FORM.values() for name in names)
+# The connection of the fast layer's entry: never contacted, the patched client answers.
+FIXTURE_ENTRY_DATA = {
+    CONF_HOST: "whisper-gpu.local",
+    CONF_WYOMING_PORT: api_fixtures.WYOMING_PORT,
+    CONF_CONTROL_PORT: api_fixtures.CONTROL_PORT,
+    CONF_TOKEN: "fixture-token",
+}
 # Beside ServerProcess's defaults (loopback, offline, no zeroconf, the model): the fast compute type.
 SERVER_ARGS = ("--compute-type", "int8")
 

@@ -22,7 +22,6 @@ import pytest
 import pytest_socket
 from helpers import api_fixtures
 from helpers.speech import Utterance, require_tools, synthesize
-from homeassistant.const import CONF_HOST, CONF_TOKEN
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 from pytest_homeassistant_custom_component.syrupy import HomeAssistantSnapshotExtension
 from syrupy.assertion import SnapshotAssertion
@@ -30,17 +29,17 @@ from wyoming.event import Event
 from wyoming.info import Info
 
 from custom_components.whisper_gpu.api import ServerInfo, ServerStatus
-from custom_components.whisper_gpu.const import CONF_CONTROL_PORT, CONF_WYOMING_PORT, DOMAIN
+from custom_components.whisper_gpu.const import DOMAIN
 
-from .common import HOST, UTTERANCE, StubControlServer, StubWyomingServer, WhisperGpuServer, free_port
-
-# The connection of the fast layer's entry: never contacted, the patched client answers.
-FIXTURE_ENTRY_DATA = {
-    CONF_HOST: "whisper-gpu.local",
-    CONF_WYOMING_PORT: api_fixtures.WYOMING_PORT,
-    CONF_CONTROL_PORT: api_fixtures.CONTROL_PORT,
-    CONF_TOKEN: "fixture-token",
-}
+from .common import (
+    FIXTURE_ENTRY_DATA,
+    HOST,
+    UTTERANCE,
+    StubControlServer,
+    StubWyomingServer,
+    WhisperGpuServer,
+    free_port,
+)
 
 
 @pytest.fixture(autouse=True)
