@@ -1,4 +1,4 @@
-"""Fast layer: every entity platform as a snapshot, with the client patched to answer the captured fixtures."""
+"""Fast layer: every entity platform (a new one included) as a snapshot, on the client patched to the fixtures."""
 
 from unittest.mock import AsyncMock, patch
 
@@ -9,10 +9,12 @@ from homeassistant.helpers import entity_registry as er
 from pytest_homeassistant_custom_component.common import MockConfigEntry, snapshot_platform
 from syrupy.assertion import SnapshotAssertion
 
+from custom_components.whisper_gpu import PLATFORMS
+
 from .common import setup_integration
 
 
-@pytest.mark.parametrize("platform", [Platform.SELECT, Platform.SENSOR, Platform.STT])
+@pytest.mark.parametrize("platform", PLATFORMS)
 async def test_platform(
     hass: HomeAssistant,
     mock_client: AsyncMock,
