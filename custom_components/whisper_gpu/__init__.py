@@ -6,12 +6,7 @@ from homeassistant.exceptions import ConfigEntryNotReady
 from homeassistant.helpers import issue_registry as ir
 
 from .api import WhisperGpuError
-from .const import (
-    DOMAIN,
-    ENTRY_MINOR_VERSION,
-    ENTRY_VERSION,
-    LOGGER,
-)
+from .const import DOMAIN
 from .coordinator import WhisperGpuCoordinator, model_failed_issue_id
 from .data import WhisperGpuConfigEntry, WhisperGpuData, create_client
 
@@ -32,7 +27,7 @@ async def async_setup_entry(hass: HomeAssistant, entry: WhisperGpuConfigEntry) -
             translation_placeholders={"error": str(err)},
         ) from err
 
-    entry.runtime_data = WhisperGpuData(client=client, coordinator=coordinator, asr=asr)
+    entry.runtime_data = WhisperGpuData(coordinator=coordinator, asr=asr)
     await hass.config_entries.async_forward_entry_setups(entry, PLATFORMS)
     return True
 
@@ -42,15 +37,3 @@ async def async_unload_entry(hass: HomeAssistant, entry: WhisperGpuConfigEntry) 
     if unloaded := await hass.config_entries.async_unload_platforms(entry, PLATFORMS):
         ir.async_delete_issue(hass, DOMAIN, model_failed_issue_id(entry))
     return unloaded
-
-
-async def async_migrate_entry(hass: HomeAssistant, entry: WhisperGpuConfigEntry) -> bool:
-    """Bring an entry stored by an older version of the integration up to date.
-
-    Home Assistant itself refuses entries of a newer major version (a downgrade).
-    Version 1.1 is the first stored format; later changes convert here, one step
-    at a time, e.g. `if entry.minor_version < 2: ...`.
-    """
-    hass.config_entries.async_update_entry(entry, version=ENTRY_VERSION, minor_version=ENTRY_MINOR_VERSION)
-    LOGGER.debug("Migrated %s to version %s.%s", entry.title, ENTRY_VERSION, ENTRY_MINOR_VERSION)
-    return True

@@ -64,7 +64,6 @@ class ModelInfo:
 
     name: str
     usable: bool
-    loaded: bool
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,7 +94,6 @@ class ServerInfo:
                     ModelInfo(
                         name=_str(model["name"]),
                         usable=bool(model.get("usable", True)),
-                        loaded=bool(model.get("loaded", False)),
                     )
                     for model in data["models"]
                 ],

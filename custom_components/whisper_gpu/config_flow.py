@@ -6,7 +6,6 @@ from typing import Any, override
 import probatio
 from homeassistant.config_entries import (
     SOURCE_HASSIO,
-    ConfigEntry,
     ConfigEntryState,
     ConfigFlow,
     ConfigFlowResult,
@@ -45,10 +44,7 @@ from .const import (
     DEFAULT_CONTROL_PORT,
     DEFAULT_WYOMING_PORT,
     DOMAIN,
-    ENTRY_MINOR_VERSION,
-    ENTRY_VERSION,
     OPTION_SECTIONS,
-    OPTION_SETTINGS,
     SECTION_VAD,
     SETTING_COMPUTE_TYPE,
     SETTING_LANGUAGE,
@@ -81,8 +77,8 @@ UNITS = {"_ms": "ms", "_s": "s"}
 class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
     """Add a whisper-gpu server: typed in, found by zeroconf, or the add-on."""
 
-    VERSION = ENTRY_VERSION
-    MINOR_VERSION = ENTRY_MINOR_VERSION
+    VERSION = 1
+    MINOR_VERSION = 1
 
     def __init__(self) -> None:
         """Start with nothing discovered."""
@@ -92,7 +88,7 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
     @staticmethod
     @callback
     @override
-    def async_get_options_flow(config_entry: ConfigEntry) -> WhisperGpuOptionsFlow:
+    def async_get_options_flow(config_entry: WhisperGpuConfigEntry) -> WhisperGpuOptionsFlow:
         """Return the options flow: the server's settings."""
         return WhisperGpuOptionsFlow()
 
@@ -121,7 +117,8 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
         if user_input is not None:
             info, errors = await self._async_validate(user_input)
             if info is not None:
-                await self.async_set_unique_id(info.server_id)
+                # A discovery card for the same server may be open: typing it in by hand still wins.
+                await self.async_set_unique_id(info.server_id, raise_on_progress=False)
                 self._abort_if_unique_id_configured(updates=user_input)
                 return self.async_create_entry(title=info.name, data=user_input)
         return self.async_show_form(
@@ -252,8 +249,9 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
 class WhisperGpuOptionsFlow(OptionsFlow):
     """The server's settings, read from it and sent back to it.
 
-    The entry's options mirror the server; the form sends only what the user
-    changed, so a setting the operator changed on the server stays as it is.
+    The server is the only place they are kept (entry.options stays empty); the
+    form sends only what the user changed, so a setting the operator changed on
+    the server stays as it is.
     """
 
     def __init__(self) -> None:
@@ -290,7 +288,7 @@ class WhisperGpuOptionsFlow(OptionsFlow):
                 entry: WhisperGpuConfigEntry = self.config_entry
                 if entry.state is ConfigEntryState.LOADED:
                     await entry.runtime_data.coordinator.async_request_refresh()
-                return self.async_create_entry(data=_options(self._settings))
+                return self.async_create_entry(data={})
 
         return self.async_show_form(
             step_id="init",
@@ -299,11 +297,6 @@ class WhisperGpuOptionsFlow(OptionsFlow):
             ),
             errors=errors,
         )
-
-
-def _options(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Return the settings that entry.options mirrors, flat."""
-    return {name: settings[name] for name in OPTION_SETTINGS if name in settings}
 
 
 def _flatten(user_input: Mapping[str, Any]) -> dict[str, Any]:

@@ -16,8 +16,8 @@ DEFAULT_CONTROL_PORT: Final = 10301
 
 SCAN_INTERVAL: Final = timedelta(seconds=30)
 
-# The server's runtime settings that Home Assistant mirrors in entry.options
-# and offers in the options flow, grouped as the form shows them.
+# The server's runtime settings that the options flow offers, grouped as the form shows them.
+# They live on the server only: Home Assistant reads them from it and keeps no copy.
 SETTING_MODEL: Final = "model"
 SETTING_COMPUTE_TYPE: Final = "compute_type"
 SETTING_LANGUAGE: Final = "language"
@@ -45,7 +45,6 @@ OPTION_SECTIONS: Final[dict[str, tuple[str, ...]]] = {
         SETTING_SPEECH_PAD_MS,
     ),
 }
-OPTION_SETTINGS: Final = tuple(name for names in OPTION_SECTIONS.values() for name in names)
 
 # Error codes of PATCH /api/v1/settings that the options form translates.
 SETTINGS_ERROR_CODES: Final = frozenset(
@@ -70,7 +69,3 @@ SETTINGS_ERROR_CODES: Final = frozenset(
 SAMPLE_RATE: Final = 16000
 SAMPLE_WIDTH: Final = 2
 SAMPLE_CHANNELS: Final = 1
-
-# Version of the stored config entry; async_migrate_entry brings older ones up.
-ENTRY_VERSION: Final = 1
-ENTRY_MINOR_VERSION: Final = 1

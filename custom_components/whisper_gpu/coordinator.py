@@ -6,6 +6,7 @@ from typing import Any, override
 
 from homeassistant.core import HomeAssistant, callback
 from homeassistant.exceptions import ConfigEntryAuthFailed
+from homeassistant.helpers import device_registry as dr
 from homeassistant.helpers import issue_registry as ir
 from homeassistant.helpers.update_coordinator import DataUpdateCoordinator, UpdateFailed
 
@@ -16,7 +17,7 @@ from .api import (
     WhisperGpuClient,
     WhisperGpuError,
 )
-from .const import DOMAIN, LOGGER, OPTION_SETTINGS, SCAN_INTERVAL
+from .const import DOMAIN, LOGGER, SCAN_INTERVAL
 from .data import WhisperGpuConfigEntry
 
 STATE_FAILED = "failed"
@@ -42,8 +43,8 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
 
     On the first refresh and on every reconnect it also checks the token and
     reads the server's info again (the server may have been upgraded or its
-    token changed while it was away). The settings it reads go into
-    entry.options, so a change made on the server shows up in Home Assistant.
+    token changed while it was away). The settings it reads are the ones the
+    entities show: the server keeps them, Home Assistant keeps no copy.
     """
 
     config_entry: WhisperGpuConfigEntry
@@ -79,6 +80,15 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
             raise ConfigEntryAuthFailed(translation_domain=DOMAIN, translation_key="invalid_auth") from err
         except WhisperGpuError as err:
             raise _update_failed(err) from err
+        self._async_update_device()
+
+    @callback
+    def _async_update_device(self) -> None:
+        """Show the version and the device of a server that came back upgraded or on other hardware."""
+        registry = dr.async_get(self.hass)
+        device = registry.async_get_device_by_identifier((DOMAIN, self.info.server_id), self.config_entry.entry_id)
+        if device is not None and (device.sw_version, device.hw_version) != (self.info.version, self.info.device_name):
+            registry.async_update_device(device.id, sw_version=self.info.version, hw_version=self.info.device_name)
 
     @override
     async def _async_update_data(self) -> WhisperGpuState:
@@ -94,19 +104,10 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
         except WhisperGpuError as err:
             raise _update_failed(err) from err
 
-        self._async_sync_options(settings)
         self._async_update_model_issue(status)
         switching = status.target is not None
         self.update_interval = SWITCH_SCAN_INTERVAL if switching else SCAN_INTERVAL
         return WhisperGpuState(status=status, settings=settings)
-
-    @callback
-    def _async_sync_options(self, settings: dict[str, Any]) -> None:
-        """Mirror the server's settings in entry.options (no reload follows)."""
-        options = {name: settings[name] for name in OPTION_SETTINGS if name in settings}
-        if options != dict(self.config_entry.options):
-            LOGGER.debug("Settings from the server: %s", options)
-            self.hass.config_entries.async_update_entry(self.config_entry, options=options)
 
     @callback
     def _async_update_model_issue(self, status: ServerStatus) -> None:

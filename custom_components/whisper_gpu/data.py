@@ -19,9 +19,8 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True, kw_only=True)
 class WhisperGpuData:
-    """What a loaded entry keeps: the client, the coordinator, the Wyoming program."""
+    """What a loaded entry keeps: the coordinator (with the client) and the Wyoming program."""
 
-    client: WhisperGpuClient
     coordinator: WhisperGpuCoordinator
     asr: AsrProgram
 

@@ -54,11 +54,10 @@ class WhisperGpuModelSelect(WhisperGpuEntity, SelectEntity):
     @override
     async def async_select_option(self, option: str) -> None:
         """Ask the server to switch to another model."""
-        entry = self.coordinator.config_entry
         try:
-            settings = await self.coordinator.client.async_update_settings({SETTING_MODEL: option})
+            await self.coordinator.client.async_update_settings({SETTING_MODEL: option})
         except WhisperGpuAuthError as err:
-            entry.async_start_reauth(self.hass)
+            self.coordinator.config_entry.async_start_reauth(self.hass)
             raise HomeAssistantError(translation_domain=DOMAIN, translation_key="invalid_auth") from err
         except WhisperGpuSettingsError as err:
             raise HomeAssistantError(
@@ -76,11 +75,4 @@ class WhisperGpuModelSelect(WhisperGpuEntity, SelectEntity):
                 translation_key="cannot_connect",
                 translation_placeholders={"error": str(err)},
             ) from err
-        self.hass.config_entries.async_update_entry(
-            entry,
-            options={
-                **entry.options,
-                SETTING_MODEL: settings.get(SETTING_MODEL, option),
-            },
-        )
         await self.coordinator.async_request_refresh()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -93,7 +94,8 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def _info(request: web.Request) -> web.Response:
-    return web.json_response(request.app[SERVICE_KEY].info())
+    # Off the event loop: it lists the model cache on disk and asks NVML about the GPU, either of which can be slow.
+    return web.json_response(await asyncio.to_thread(request.app[SERVICE_KEY].info))
 
 
 async def _get_settings(request: web.Request) -> web.Response:

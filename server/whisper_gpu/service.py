@@ -356,7 +356,7 @@ class ModelManager:
             path = await self._fetch(plan)
             self.state = ModelState.LOADING
             if check_memory:
-                self._check_fits(plan)
+                await asyncio.to_thread(self._check_fits, plan)
             _LOGGER.info("Loading %s on %s (%s)", plan.model, plan.device, plan.compute_type)
             try:
                 return await asyncio.to_thread(self._load_and_warm, plan, path)
@@ -613,7 +613,8 @@ class Service:
             reload_needed = any(merged[name] != self.settings[name] for name in RELOAD_SETTINGS) or (
                 bool(RELOAD_SETTINGS & set(values)) and (serving is None or serving.name != merged["model"])
             )
-            plan = self._check_combination(merged, values, reload_needed=reload_needed)
+            # In a worker thread: the memory check of a switch asks the device (NVML on a GPU), which can be slow.
+            plan = await asyncio.to_thread(self._check_combination, merged, values, reload_needed=reload_needed)
             if plan is None:
                 try:
                     changed = await asyncio.to_thread(self.settings.apply, values)
@@ -630,7 +631,9 @@ class Service:
             async def commit() -> None:
                 await asyncio.to_thread(self.settings.apply, values)
 
-            unload_first = bool(merged["low_memory_switch"]) and self.models.memory_shortfall_mb(plan) > 0
+            unload_first = (
+                bool(merged["low_memory_switch"]) and await asyncio.to_thread(self.models.memory_shortfall_mb, plan) > 0
+            )
             self.models.start_load(plan, unload_first=unload_first, commit=commit)
             _LOGGER.info("Settings change through the control API waits for %s to load: %s", plan.model, changed)
             return {"settings": merged, "changed": changed, "reload": True}

@@ -20,7 +20,7 @@ from typing import Any
 import voluptuous as vol
 from faster_whisper.tokenizer import _LANGUAGE_CODES
 
-from .models import is_known_model, is_model_path, looks_like_model_reference
+from .models import KNOWN_MODELS, is_known_model, is_model_path, looks_like_model_reference
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -240,8 +240,8 @@ SETTINGS: Mapping[str, SettingSpec] = _spec_table(
         kind=str,
         default="base",
         check=_check_model,
-        allowed="a model name (tiny, tiny.en, base, base.en, small, small.en, medium, medium.en, large-v1, "
-        "large-v2, large-v3, large-v3-turbo, distil-large-v3, distil-medium.en, distil-small.en), "
+        # Built from the catalogue, so that a model added there is named here too.
+        allowed=f"a model name ({', '.join(KNOWN_MODELS)}), "
         "a model directory (a path starting with /, ./, ../ or ~), or a Hugging Face repository id",
         description="Whisper model: a size name, a local CTranslate2 model directory (written as a path) "
         "or a hub repository id",

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Self
 
 import pytest
 from aiohttp import web
+from helpers import api_fixtures
 from helpers.server import ServerProcess, free_port
 from homeassistant.components import stt
 from homeassistant.const import CONF_HOST, CONF_TOKEN
@@ -24,7 +25,7 @@ from wyoming.event import Event, async_read_event, async_write_event
 from wyoming.info import AsrModel, AsrProgram, Attribution, Describe, Info
 from wyoming.ping import Ping
 
-from custom_components.whisper_gpu.const import CONF_CONTROL_PORT, CONF_WYOMING_PORT, DOMAIN, SCAN_INTERVAL
+from custom_components.whisper_gpu.const import CONF_CONTROL_PORT, CONF_WYOMING_PORT, SCAN_INTERVAL
 
 HOST = "127.0.0.1"
 TEST_MODEL = "tiny.en"
@@ -45,6 +46,13 @@ OPTIONS_FORM: dict[str, tuple[str, ...]] = {
     ),
 }
 OPTION_NAMES = tuple(name for names in OPTIONS_FORM.values() for name in names)
+# The connection of the fast layer's entry: never contacted, the patched client answers.
+FIXTURE_ENTRY_DATA = {
+    CONF_HOST: "whisper-gpu.local",
+    CONF_WYOMING_PORT: api_fixtures.WYOMING_PORT,
+    CONF_CONTROL_PORT: api_fixtures.CONTROL_PORT,
+    CONF_TOKEN: "fixture-token",
+}
 # Beside ServerProcess's defaults (loopback, offline, no zeroconf, the model): the fast compute type.
 SERVER_ARGS = ("--compute-type", "int8")
 
@@ -153,9 +161,12 @@ class StubControlServer:
             self.runner = None
 
 
-async def setup_entry(hass: HomeAssistant, entry: MockConfigEntry) -> None:
-    """Add the entry to hass and set it up."""
-    entry.add_to_hass(hass)
+async def setup_integration(hass: HomeAssistant, entry: MockConfigEntry, **connection: Any) -> None:
+    """Add the entry to hass, with other connection data if given (another server, a closed port), and set it up."""
+    if hass.config_entries.async_get_entry(entry.entry_id) is None:
+        entry.add_to_hass(hass)
+    if connection:
+        hass.config_entries.async_update_entry(entry, data={**entry.data, **connection})
     await hass.config_entries.async_setup(entry.entry_id)
     await hass.async_block_till_done()
 
@@ -171,16 +182,6 @@ def mirror(stub: StubControlServer, server: WhisperGpuServer) -> None:
     for path in ("/api/v1/info", "/api/v1/settings", "/api/v1/status"):
         stub.routes["GET", path] = server.request("GET", path)
     stub.routes["GET", "/api/v1/auth"] = (204, None)
-
-
-def stub_entry(stub: StubControlServer, server: WhisperGpuServer) -> MockConfigEntry:
-    """A config entry for the real server whose control port is the stub's."""
-    return MockConfigEntry(
-        domain=DOMAIN,
-        title="whisper-gpu",
-        unique_id=server.server_id,
-        data=server.entry_data(control_port=stub.port),
-    )
 
 
 def metadata(language: str = "en") -> stt.SpeechMetadata:

@@ -1,27 +1,72 @@
-"""Fixtures of the Home Assistant integration tests.
+"""Fixtures of the Home Assistant integration tests, in two layers.
 
-The tests run Home Assistant (pytest-homeassistant-custom-component) against a
-real whisper-gpu server on loopback, started once per session with the fast
-tiny.en model. Tests that stop, restart or break a server start their own.
+The fast layer patches the integration's client (autospec) to answer with the
+JSON a real server answered (fixtures/, captured by scripts/capture-fixtures and
+checked against the server by test_fixtures.py): it runs in seconds.
+
+The end-to-end layer runs Home Assistant against a real whisper-gpu server on
+loopback, started once per session with the fast tiny.en model. Tests that stop,
+restart or break a server start their own.
+
+Both use the one config entry, `mock_config_entry`: a test that asks for the real
+`server` gets an entry that points at it.
 """
 
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
+from unittest.mock import AsyncMock, patch
 
 import pytest
 import pytest_socket
+from helpers import api_fixtures
 from helpers.speech import Utterance, require_tools, synthesize
 from pytest_homeassistant_custom_component.common import MockConfigEntry
+from pytest_homeassistant_custom_component.syrupy import HomeAssistantSnapshotExtension
+from syrupy.assertion import SnapshotAssertion
+from wyoming.event import Event
+from wyoming.info import Info
 
+from custom_components.whisper_gpu.api import ServerInfo, ServerStatus
 from custom_components.whisper_gpu.const import DOMAIN
 
-from .common import HOST, UTTERANCE, StubControlServer, StubWyomingServer, WhisperGpuServer, free_port
+from .common import (
+    FIXTURE_ENTRY_DATA,
+    HOST,
+    UTTERANCE,
+    StubControlServer,
+    StubWyomingServer,
+    WhisperGpuServer,
+    free_port,
+)
 
 
 @pytest.fixture(autouse=True)
 def auto_enable_custom_integrations(enable_custom_integrations: None) -> None:
     """Let Home Assistant load custom_components/whisper_gpu."""
+
+
+# Fixtures that start or share a real server: the tests that use one are the end-to-end layer.
+REAL_SERVER_FIXTURES = {"server", "session_server", "own_server"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the marker of the end-to-end layer: `-m "not e2e"` runs the fast layer alone."""
+    config.addinivalue_line("markers", "e2e: runs Home Assistant against a real whisper-gpu server")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that need a real server."""
+    for item in items:
+        if REAL_SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture
+def snapshot(snapshot: SnapshotAssertion) -> SnapshotAssertion:
+    """Snapshots as Home Assistant core writes them (ids and times left out), in snapshots/."""
+    return snapshot.use_extension(HomeAssistantSnapshotExtension)
 
 
 @pytest.fixture(autouse=True)
@@ -73,14 +118,36 @@ def own_server(tmp_path: Path) -> Iterator[WhisperGpuServer]:
 
 
 @pytest.fixture
-def config_entry(server: WhisperGpuServer) -> MockConfigEntry:
-    """A config entry for the session's server (not added to hass yet)."""
-    return MockConfigEntry(
-        domain=DOMAIN,
-        title="whisper-gpu",
-        unique_id=server.server_id,
-        data=server.entry_data(),
-    )
+def mock_config_entry(request: pytest.FixtureRequest) -> MockConfigEntry:
+    """The config entry of a test (not added to hass yet).
+
+    It points at the session's real server when the test uses `server`, else at the
+    fixtures' server, which `mock_client` answers for. Indirect parameters
+    (a dict) change the entry's other fields, e.g. its source.
+    """
+    fields: dict[str, Any] = getattr(request, "param", {})
+    if "server" in request.fixturenames:
+        server: WhisperGpuServer = request.getfixturevalue("server")
+        unique_id, data = server.server_id, server.entry_data()
+    else:
+        unique_id, data = api_fixtures.SERVER_ID, FIXTURE_ENTRY_DATA
+    return MockConfigEntry(**{"domain": DOMAIN, "title": "whisper-gpu", "unique_id": unique_id, "data": data, **fields})
+
+
+@pytest.fixture
+def mock_client() -> Iterator[AsyncMock]:
+    """The integration's client, patched with autospec, answering what a real server answered (fixtures/)."""
+    with patch("custom_components.whisper_gpu.data.WhisperGpuClient", autospec=True) as client_class:
+        client = client_class.return_value
+        client.async_get_info.return_value = ServerInfo.from_json(api_fixtures.load("info"))
+        client.async_get_status.return_value = ServerStatus.from_json(api_fixtures.load("status"))
+        settings = api_fixtures.load("settings")["settings"]
+        client.async_get_settings.return_value = settings
+        client.async_check_auth.return_value = None
+        client.async_update_settings.return_value = settings
+        client.async_describe.return_value = Info.from_event(Event("info", api_fixtures.load("describe"))).asr[0]
+        client.async_transcribe.return_value = UTTERANCE
+        yield client
 
 
 @pytest.fixture

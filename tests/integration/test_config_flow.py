@@ -80,9 +80,9 @@ async def test_user_creates_entry(hass: HomeAssistant, server: WhisperGpuServer)
     entry = result["result"]
     assert entry.unique_id == server.server_id
     assert entry.state is ConfigEntryState.LOADED
-    # The options mirror the server's settings from the first poll on.
-    assert entry.options["model"] == "tiny.en"
-    assert entry.options["beam_size"] == server.settings()["beam_size"]
+    # The settings stay on the server: the entry keeps no copy of them.
+    assert entry.options == {}
+    assert entry.runtime_data.coordinator.data.settings == server.settings()
 
 
 @pytest.mark.parametrize(
@@ -125,12 +125,13 @@ async def test_user_errors_then_recovers(
     assert result["type"] is FlowResultType.CREATE_ENTRY
 
 
-async def test_user_already_configured_updates_host(hass: HomeAssistant, server: WhisperGpuServer) -> None:
+async def test_user_already_configured_updates_host(
+    hass: HomeAssistant, mock_config_entry: MockConfigEntry, server: WhisperGpuServer
+) -> None:
     """A server that moved: the existing entry gets the new address."""
-    entry = MockConfigEntry(
-        domain=DOMAIN, unique_id=server.server_id, data=server.entry_data(host=OTHER_HOST, control_port=1)
-    )
+    entry = mock_config_entry
     entry.add_to_hass(hass)
+    hass.config_entries.async_update_entry(entry, data=server.entry_data(host=OTHER_HOST, control_port=1))
 
     result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
     result = await hass.config_entries.flow.async_configure(result["flow_id"], server.entry_data())
@@ -174,10 +175,28 @@ async def test_zeroconf_found_twice_is_one_flow(hass: HomeAssistant, server: Whi
     assert second["reason"] == "already_in_progress"
 
 
-async def test_zeroconf_updates_moved_server(hass: HomeAssistant, server: WhisperGpuServer) -> None:
+async def test_user_adds_a_server_whose_discovery_card_is_open(hass: HomeAssistant, server: WhisperGpuServer) -> None:
+    """Typing in a server that discovery also found adds it; the open card does not block the user."""
+    discovered = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": SOURCE_ZEROCONF}, data=zeroconf_info(server)
+    )
+    assert discovered["type"] is FlowResultType.FORM
+
+    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], server.entry_data())
+    await hass.async_block_till_done()
+
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["result"].unique_id == server.server_id
+
+
+async def test_zeroconf_updates_moved_server(
+    hass: HomeAssistant, mock_config_entry: MockConfigEntry, server: WhisperGpuServer
+) -> None:
     """A known server announced at a new address: the entry follows it."""
-    entry = MockConfigEntry(domain=DOMAIN, unique_id=server.server_id, data=server.entry_data(host=OTHER_HOST))
+    entry = mock_config_entry
     entry.add_to_hass(hass)
+    hass.config_entries.async_update_entry(entry, data=server.entry_data(host=OTHER_HOST))
 
     result = await hass.config_entries.flow.async_init(
         DOMAIN, context={"source": SOURCE_ZEROCONF}, data=zeroconf_info(server)
@@ -189,15 +208,14 @@ async def test_zeroconf_updates_moved_server(hass: HomeAssistant, server: Whispe
     assert entry.data[CONF_TOKEN] == server.token
 
 
-async def test_zeroconf_keeps_addon_address(hass: HomeAssistant, server: WhisperGpuServer) -> None:
+@pytest.mark.parametrize("mock_config_entry", [{"source": SOURCE_HASSIO}], indirect=True)
+async def test_zeroconf_keeps_addon_address(
+    hass: HomeAssistant, mock_config_entry: MockConfigEntry, server: WhisperGpuServer
+) -> None:
     """The add-on's entry keeps the address the Supervisor gave it."""
-    entry = MockConfigEntry(
-        domain=DOMAIN,
-        source=SOURCE_HASSIO,
-        unique_id=server.server_id,
-        data=server.entry_data(host="local-whisper-gpu"),
-    )
+    entry = mock_config_entry
     entry.add_to_hass(hass)
+    hass.config_entries.async_update_entry(entry, data=server.entry_data(host="local-whisper-gpu"))
 
     result = await hass.config_entries.flow.async_init(
         DOMAIN, context={"source": SOURCE_ZEROCONF}, data=zeroconf_info(server)
@@ -252,14 +270,13 @@ async def test_hassio_confirm(hass: HomeAssistant, server: WhisperGpuServer, clo
     assert result["result"].unique_id == server.server_id
 
 
-async def test_hassio_updates_existing(hass: HomeAssistant, server: WhisperGpuServer) -> None:
+async def test_hassio_updates_existing(
+    hass: HomeAssistant, mock_config_entry: MockConfigEntry, server: WhisperGpuServer
+) -> None:
     """The add-on announced again with a new port and token: the entry takes them."""
-    entry = MockConfigEntry(
-        domain=DOMAIN,
-        unique_id=server.server_id,
-        data=server.entry_data(control_port=1, token="old"),  # noqa: S106
-    )
+    entry = mock_config_entry
     entry.add_to_hass(hass)
+    hass.config_entries.async_update_entry(entry, data=server.entry_data(control_port=1, token="old"))  # noqa: S106
 
     result = await hass.config_entries.flow.async_init(
         DOMAIN, context={"source": SOURCE_HASSIO}, data=hassio_info(server)
@@ -282,13 +299,13 @@ async def test_hassio_not_whisper_gpu(hass: HomeAssistant, server: WhisperGpuSer
 
 
 async def test_reconfigure(
-    hass: HomeAssistant, server: WhisperGpuServer, config_entry: MockConfigEntry, closed_port: int
+    hass: HomeAssistant, server: WhisperGpuServer, mock_config_entry: MockConfigEntry, closed_port: int
 ) -> None:
     """New address data is checked, then stored, and the entry reloads."""
-    config_entry.add_to_hass(hass)
-    hass.config_entries.async_update_entry(config_entry, data=server.entry_data(control_port=1))
+    mock_config_entry.add_to_hass(hass)
+    hass.config_entries.async_update_entry(mock_config_entry, data=server.entry_data(control_port=1))
 
-    result = await config_entry.start_reconfigure_flow(hass)
+    result = await mock_config_entry.start_reconfigure_flow(hass)
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "reconfigure"
 
@@ -302,14 +319,17 @@ async def test_reconfigure(
     await hass.async_block_till_done()
     assert result["type"] is FlowResultType.ABORT
     assert result["reason"] == "reconfigure_successful"
-    assert config_entry.data == server.entry_data()
-    assert config_entry.state is ConfigEntryState.LOADED
+    assert mock_config_entry.data == server.entry_data()
+    assert mock_config_entry.state is ConfigEntryState.LOADED
 
 
-async def test_reconfigure_other_server(hass: HomeAssistant, server: WhisperGpuServer) -> None:
+async def test_reconfigure_other_server(
+    hass: HomeAssistant, mock_config_entry: MockConfigEntry, server: WhisperGpuServer
+) -> None:
     """An address that belongs to another server is refused."""
-    entry = MockConfigEntry(domain=DOMAIN, unique_id="another-server", data=server.entry_data(host=OTHER_HOST))
+    entry = mock_config_entry
     entry.add_to_hass(hass)
+    hass.config_entries.async_update_entry(entry, unique_id="another-server", data=server.entry_data(host=OTHER_HOST))
 
     result = await entry.start_reconfigure_flow(hass)
     result = await hass.config_entries.flow.async_configure(result["flow_id"], server.entry_data())
@@ -319,13 +339,13 @@ async def test_reconfigure_other_server(hass: HomeAssistant, server: WhisperGpuS
     assert entry.data[CONF_HOST] == OTHER_HOST
 
 
-async def test_reauth(hass: HomeAssistant, server: WhisperGpuServer, config_entry: MockConfigEntry) -> None:
+async def test_reauth(hass: HomeAssistant, server: WhisperGpuServer, mock_config_entry: MockConfigEntry) -> None:
     """A rejected token at setup starts reauth; the new token is checked and stored."""
-    config_entry.add_to_hass(hass)
-    hass.config_entries.async_update_entry(config_entry, data=server.entry_data(token="old"))  # noqa: S106
-    await hass.config_entries.async_setup(config_entry.entry_id)
+    mock_config_entry.add_to_hass(hass)
+    hass.config_entries.async_update_entry(mock_config_entry, data=server.entry_data(token="old"))  # noqa: S106
+    await hass.config_entries.async_setup(mock_config_entry.entry_id)
     await hass.async_block_till_done()
-    assert config_entry.state is ConfigEntryState.SETUP_ERROR
+    assert mock_config_entry.state is ConfigEntryState.SETUP_ERROR
 
     flows = hass.config_entries.flow.async_progress_by_handler(DOMAIN)
     assert [flow["context"]["source"] for flow in flows] == ["reauth"]
@@ -342,8 +362,8 @@ async def test_reauth(hass: HomeAssistant, server: WhisperGpuServer, config_entr
     await hass.async_block_till_done()
     assert result["type"] is FlowResultType.ABORT
     assert result["reason"] == "reauth_successful"
-    assert config_entry.data[CONF_TOKEN] == server.token
-    assert config_entry.state is ConfigEntryState.LOADED
+    assert mock_config_entry.data[CONF_TOKEN] == server.token
+    assert mock_config_entry.state is ConfigEntryState.LOADED
 
 
 async def test_ports_are_stored_as_int(hass: HomeAssistant, server: WhisperGpuServer) -> None:

@@ -1,33 +1,50 @@
 """Diagnostics: what a user attaches to a bug report, without secrets."""
 
 import json
+from unittest.mock import AsyncMock
 
 from homeassistant.core import HomeAssistant
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 from pytest_homeassistant_custom_component.components.diagnostics import get_diagnostics_for_config_entry
 from pytest_homeassistant_custom_component.typing import ClientSessionGenerator
+from syrupy.assertion import SnapshotAssertion
+from syrupy.filters import props
 
-from .common import WhisperGpuServer, setup_entry
+from .common import WhisperGpuServer, setup_integration
 
 
 async def test_diagnostics_redact_token_and_host(
     hass: HomeAssistant,
     hass_client: ClientSessionGenerator,
     server: WhisperGpuServer,
-    config_entry: MockConfigEntry,
+    mock_config_entry: MockConfigEntry,
 ) -> None:
     """The server's info, status and settings are there; the token and the host are not."""
-    await setup_entry(hass, config_entry)
+    await setup_integration(hass, mock_config_entry)
 
-    diagnostics = await get_diagnostics_for_config_entry(hass, hass_client, config_entry)
+    diagnostics = await get_diagnostics_for_config_entry(hass, hass_client, mock_config_entry)
 
     assert diagnostics["entry"]["data"]["token"] == "**REDACTED**"  # noqa: S105
     assert diagnostics["entry"]["data"]["host"] == "**REDACTED**"
     assert diagnostics["entry"]["data"]["wyoming_port"] == server.wyoming_port
-    assert diagnostics["entry"]["options"]["model"] == "tiny.en"
     assert diagnostics["server"]["info"]["server_id"] == server.server_id
     assert diagnostics["server"]["status"]["state"] == "ready"
     assert diagnostics["server"]["settings"]["model"] == "tiny.en"
     assert diagnostics["server"]["last_update_success"] is True
     assert diagnostics["wyoming_asr"]["requires_external_vad"] is False, "the server ends commands itself"
     assert server.token not in json.dumps(diagnostics)
+
+
+async def test_diagnostics_snapshot(
+    hass: HomeAssistant,
+    hass_client: ClientSessionGenerator,
+    mock_client: AsyncMock,
+    mock_config_entry: MockConfigEntry,
+    snapshot: SnapshotAssertion,
+) -> None:
+    """Fast layer: the whole diagnostics of the captured server, as a user would attach them."""
+    await setup_integration(hass, mock_config_entry)
+
+    diagnostics = await get_diagnostics_for_config_entry(hass, hass_client, mock_config_entry)
+
+    assert diagnostics == snapshot(exclude=props("entry_id", "created_at", "modified_at"))

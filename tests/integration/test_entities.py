@@ -24,8 +24,7 @@ from .common import (
     metadata,
     mirror,
     poll,
-    setup_entry,
-    stub_entry,
+    setup_integration,
 )
 
 STT_ENTITY_ID = "stt.whisper_gpu_speech_to_text"
@@ -44,10 +43,10 @@ async def select_model(hass: HomeAssistant, option: str) -> None:
 
 
 async def test_select_switches_model(
-    hass: HomeAssistant, server: WhisperGpuServer, config_entry: MockConfigEntry
+    hass: HomeAssistant, server: WhisperGpuServer, mock_config_entry: MockConfigEntry
 ) -> None:
     """Selecting a model switches the server; languages follow the new model."""
-    await setup_entry(hass, config_entry)
+    await setup_integration(hass, mock_config_entry)
     state = hass.states.get(SELECT_ENTITY_ID)
     assert state.state == TEST_MODEL
     assert SECOND_MODEL in state.attributes[ATTR_OPTIONS]
@@ -57,7 +56,6 @@ async def test_select_switches_model(
     server.wait_state("ready")
     assert server.settings()["model"] == SECOND_MODEL
     await poll(hass)
-    assert config_entry.options["model"] == SECOND_MODEL
 
     assert hass.states.get(SELECT_ENTITY_ID).state == SECOND_MODEL
     assert hass.states.get("sensor.whisper_gpu_loaded_model").state == SECOND_MODEL
@@ -67,10 +65,10 @@ async def test_select_switches_model(
 
 
 async def test_a_switch_shows_as_soon_as_the_new_model_serves(
-    hass: HomeAssistant, server: WhisperGpuServer, config_entry: MockConfigEntry
+    hass: HomeAssistant, server: WhisperGpuServer, mock_config_entry: MockConfigEntry
 ) -> None:
     """While the server loads a model the entities follow it closely, not at the next 30 s poll."""
-    await setup_entry(hass, config_entry)
+    await setup_integration(hass, mock_config_entry)
     started = asyncio.get_running_loop().time()
 
     await select_model(hass, SECOND_MODEL)
@@ -80,7 +78,7 @@ async def test_a_switch_shows_as_soon_as_the_new_model_serves(
 
     assert asyncio.get_running_loop().time() - started < SCAN_INTERVAL.total_seconds() / 2
     assert hass.states.get("sensor.whisper_gpu_model_state").state == "ready"
-    assert config_entry.runtime_data.coordinator.update_interval == SCAN_INTERVAL, "back to the slow poll"
+    assert mock_config_entry.runtime_data.coordinator.update_interval == SCAN_INTERVAL, "back to the slow poll"
 
 
 @pytest.mark.parametrize(
@@ -94,6 +92,7 @@ async def test_a_switch_shows_as_soon_as_the_new_model_serves(
 )
 async def test_select_errors(
     hass: HomeAssistant,
+    mock_config_entry: MockConfigEntry,
     server: WhisperGpuServer,
     stub_server: StubControlServer,
     answer: tuple[int, Any],
@@ -103,8 +102,8 @@ async def test_select_errors(
     """A refused switch raises a translated error and changes nothing."""
     mirror(stub_server, server)
     stub_server.routes["PATCH", "/api/v1/settings"] = answer
-    entry = stub_entry(stub_server, server)
-    await setup_entry(hass, entry)
+    entry = mock_config_entry
+    await setup_integration(hass, entry, control_port=stub_server.port)
 
     with pytest.raises(HomeAssistantError) as err:
         await select_model(hass, SECOND_MODEL)
@@ -112,20 +111,20 @@ async def test_select_errors(
     assert err.value.translation_domain == DOMAIN
     assert err.value.translation_key == translation_key
     assert hass.states.get(SELECT_ENTITY_ID).state == TEST_MODEL
-    assert entry.options["model"] == TEST_MODEL
+    assert entry.runtime_data.coordinator.data.settings["model"] == TEST_MODEL
     assert len(hass.config_entries.flow.async_progress_by_handler(DOMAIN)) == reauth
 
 
 async def test_select_keeps_a_model_outside_the_list(
-    hass: HomeAssistant, server: WhisperGpuServer, stub_server: StubControlServer
+    hass: HomeAssistant, mock_config_entry: MockConfigEntry, server: WhisperGpuServer, stub_server: StubControlServer
 ) -> None:
     """A model directory set on the server shows as the current option."""
     mirror(stub_server, server)
     status, body = stub_server.routes["GET", "/api/v1/settings"]
     body["settings"]["model"] = "/models/my-finetune"
     stub_server.routes["GET", "/api/v1/settings"] = (status, body)
-    entry = stub_entry(stub_server, server)
-    await setup_entry(hass, entry)
+    entry = mock_config_entry
+    await setup_integration(hass, entry, control_port=stub_server.port)
 
     state = hass.states.get(SELECT_ENTITY_ID)
     assert state.state == "/models/my-finetune"
@@ -133,10 +132,10 @@ async def test_select_keeps_a_model_outside_the_list(
 
 
 async def test_sensors(
-    hass: HomeAssistant, server: WhisperGpuServer, config_entry: MockConfigEntry, speech_pcm: bytes
+    hass: HomeAssistant, server: WhisperGpuServer, mock_config_entry: MockConfigEntry, speech_pcm: bytes
 ) -> None:
     """Model state, loaded model and the last request's duration."""
-    await setup_entry(hass, config_entry)
+    await setup_integration(hass, mock_config_entry)
     state = hass.states.get("sensor.whisper_gpu_model_state")
     assert state.state == "ready"
     assert state.attributes["options"] == ["loading", "downloading", "ready", "failed"]
@@ -154,14 +153,14 @@ async def test_sensors(
 
 
 async def test_unknown_model_state(
-    hass: HomeAssistant, server: WhisperGpuServer, stub_server: StubControlServer
+    hass: HomeAssistant, mock_config_entry: MockConfigEntry, server: WhisperGpuServer, stub_server: StubControlServer
 ) -> None:
     """A state this version does not know reads as unknown, not as a wrong value."""
     mirror(stub_server, server)
     status, body = stub_server.routes["GET", "/api/v1/status"]
     stub_server.routes["GET", "/api/v1/status"] = (status, {**body, "state": "warming_up", "last_request": None})
-    entry = stub_entry(stub_server, server)
-    await setup_entry(hass, entry)
+    entry = mock_config_entry
+    await setup_integration(hass, entry, control_port=stub_server.port)
 
     assert hass.states.get("sensor.whisper_gpu_model_state").state == "unknown"
     assert hass.states.get("sensor.whisper_gpu_last_request_duration").state == "unknown"

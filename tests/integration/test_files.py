@@ -1,5 +1,7 @@
 """The files HACS and hassfest check, checked here since neither runs in this CI."""
 
+import ast
+import importlib
 import json
 import re
 import tomllib
@@ -127,23 +129,64 @@ def test_translations_are_the_strings() -> None:
     assert "https://" not in strings
 
 
+def _translated_names(keyword_or_key: str) -> set[str]:
+    """The names the integration's code gives as `keyword=...`, as `{"key": ...}` or as `x["key"] = ...`.
+
+    Constant names (SETTING_MODEL, say) are resolved through the module that uses them.
+    """
+    names: set[str] = set()
+    for path in INTEGRATION.glob("*.py"):
+        module = importlib.import_module(f"custom_components.whisper_gpu.{path.stem}")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            values: list[ast.expr] = []
+            if isinstance(node, ast.keyword) and node.arg == keyword_or_key:
+                values.append(node.value)
+            elif isinstance(node, ast.Dict):
+                values += [
+                    value
+                    for key, value in zip(node.keys, node.values, strict=True)
+                    if isinstance(key, ast.Constant) and key.value == keyword_or_key
+                ]
+            elif isinstance(node, ast.Assign):
+                values += [
+                    node.value
+                    for target in node.targets
+                    if isinstance(target, ast.Subscript)
+                    and isinstance(target.slice, ast.Constant)
+                    and target.slice.value == keyword_or_key
+                ]
+            for value in values:
+                if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                    names.add(value.value)
+                elif isinstance(value, ast.Name) and isinstance(getattr(module, value.id, None), str):
+                    names.add(getattr(module, value.id))
+    return names
+
+
+def test_the_name_finder_sees_every_way_the_code_names_a_key() -> None:
+    """The check below sees literals, constants and `errors["base"] = ...` assignments."""
+    assert "invalid_auth" in _translated_names("base"), 'errors["base"] = "invalid_auth"'
+    assert "cannot_connect" in _translated_names("base"), '{"base": "cannot_connect"}'
+    assert "model" in _translated_names("translation_key"), "translation_key=SETTING_MODEL"
+    assert "model_failed" in _translated_names("translation_key"), 'translation_key="model_failed"'
+
+
 def test_every_error_and_reason_is_translated() -> None:
-    """Each error, abort reason, step and entity the code names has its text."""
+    """Each error, abort reason, step and translation key the code names has its text."""
     strings = load(INTEGRATION / "strings.json")
-    code = "\n".join(path.read_text() for path in INTEGRATION.glob("*.py"))
     config, options = strings["config"], strings["options"]
     assert isinstance(config, dict)
     assert isinstance(options, dict)
-    for error in set(re.findall(r'"base": "(\w+)"', code)) - {"unknown"}:
+    for error in _translated_names("base") - {"unknown"}:
         assert error in config["error"] or error in options["error"], error
-    for reason in re.findall(r'reason="(\w+)"', code):
+    for reason in _translated_names("reason"):
         assert reason in config["abort"] or reason in options["abort"], reason
-    for step in re.findall(r'step_id="(\w+)"', code):
+    for step in _translated_names("step_id"):
         assert step in config["step"] or step in options["step"], step
-    for key in re.findall(r'translation_key="(\w+)"', code):
-        groups = [strings["exceptions"], strings["issues"], *strings["entity"].values()]
+    groups = [strings["exceptions"], strings["issues"], *strings["entity"].values()]
+    for key in _translated_names("translation_key"):
         assert any(key in group for group in groups), key
-    assert set(options["error"]) >= SETTINGS_ERROR_CODES
+    assert set(options["error"]) >= {*SETTINGS_ERROR_CODES, "unknown_setting_error"}
 
 
 @pytest.mark.parametrize("path", ["docs/home-assistant.md"])

@@ -1,6 +1,8 @@
-"""Setup, unload, migration, availability and the options mirror, with a real server."""
+"""Setup, unload, availability, settings read from the server and repairs, with a real server."""
 
+import dataclasses
 from typing import Any
+from unittest.mock import AsyncMock
 
 import pytest
 from homeassistant.config_entries import ConfigEntryState
@@ -11,9 +13,10 @@ from homeassistant.helpers import entity_registry as er
 from homeassistant.helpers import issue_registry as ir
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
+from custom_components.whisper_gpu.api import WhisperGpuConnectionError
 from custom_components.whisper_gpu.const import DOMAIN
 
-from .common import OPTION_NAMES, StubControlServer, WhisperGpuServer, mirror, poll, setup_entry, stub_entry
+from .common import StubControlServer, WhisperGpuServer, mirror, poll, setup_integration
 
 ENTITIES = (
     "stt.whisper_gpu_speech_to_text",
@@ -27,20 +30,20 @@ ENTITIES = (
 async def test_setup_unload_reload(
     hass: HomeAssistant,
     server: WhisperGpuServer,
-    config_entry: MockConfigEntry,
+    mock_config_entry: MockConfigEntry,
     device_registry: dr.DeviceRegistry,
     entity_registry: er.EntityRegistry,
 ) -> None:
     """One service device with its entities; reload and unload leave nothing behind."""
-    await setup_entry(hass, config_entry)
-    assert config_entry.state is ConfigEntryState.LOADED
+    await setup_integration(hass, mock_config_entry)
+    assert mock_config_entry.state is ConfigEntryState.LOADED
 
-    device = device_registry.async_get_device_by_identifier((DOMAIN, server.server_id), config_entry.entry_id)
+    device = device_registry.async_get_device_by_identifier((DOMAIN, server.server_id), mock_config_entry.entry_id)
     assert device is not None
     assert device.entry_type is dr.DeviceEntryType.SERVICE
     assert device.sw_version == "0.1.0"
     assert device.name == "whisper-gpu"
-    entities = er.async_entries_for_config_entry(entity_registry, config_entry.entry_id)
+    entities = er.async_entries_for_config_entry(entity_registry, mock_config_entry.entry_id)
     assert sorted(entity.entity_id for entity in entities) == sorted(ENTITIES)
     assert all(entity.device_id == device.id for entity in entities)
     assert all(entity.unique_id.startswith(server.server_id) for entity in entities)
@@ -48,85 +51,71 @@ async def test_setup_unload_reload(
     assert hass.states.get("sensor.whisper_gpu_loaded_model").state == "tiny.en"
     assert hass.states.get("select.whisper_gpu_model").state == "tiny.en"
 
-    assert await hass.config_entries.async_reload(config_entry.entry_id)
+    assert await hass.config_entries.async_reload(mock_config_entry.entry_id)
     await hass.async_block_till_done()
-    assert config_entry.state is ConfigEntryState.LOADED
+    assert mock_config_entry.state is ConfigEntryState.LOADED
 
-    assert await hass.config_entries.async_unload(config_entry.entry_id)
+    assert await hass.config_entries.async_unload(mock_config_entry.entry_id)
     await hass.async_block_till_done()
-    assert config_entry.state is ConfigEntryState.NOT_LOADED
+    assert mock_config_entry.state is ConfigEntryState.NOT_LOADED
     assert all(hass.states.get(entity_id).state == STATE_UNAVAILABLE for entity_id in ENTITIES)
 
 
-async def test_setup_retries_while_server_down(hass: HomeAssistant, server: WhisperGpuServer, closed_port: int) -> None:
+async def test_setup_retries_while_server_down(
+    hass: HomeAssistant, mock_config_entry: MockConfigEntry, server: WhisperGpuServer, closed_port: int
+) -> None:
     """A server that does not answer at start: setup is retried, with the reason."""
-    entry = MockConfigEntry(domain=DOMAIN, unique_id=server.server_id, data=server.entry_data(control_port=closed_port))
-    await setup_entry(hass, entry)
+    entry = mock_config_entry
+    await setup_integration(hass, entry, control_port=closed_port)
     assert entry.state is ConfigEntryState.SETUP_RETRY
     assert entry.error_reason_translation_key == "cannot_connect"
 
 
 async def test_setup_retries_while_wyoming_down(
-    hass: HomeAssistant, server: WhisperGpuServer, closed_port: int
+    hass: HomeAssistant, mock_config_entry: MockConfigEntry, server: WhisperGpuServer, closed_port: int
 ) -> None:
     """The control API answers but the Wyoming port does not: setup is retried."""
-    entry = MockConfigEntry(domain=DOMAIN, unique_id=server.server_id, data=server.entry_data(wyoming_port=closed_port))
-    await setup_entry(hass, entry)
+    entry = mock_config_entry
+    await setup_integration(hass, entry, wyoming_port=closed_port)
     assert entry.state is ConfigEntryState.SETUP_RETRY
     assert entry.error_reason_translation_key == "wyoming_unreachable"
 
 
-async def test_migration_from_older_minor_version(hass: HomeAssistant, server: WhisperGpuServer) -> None:
-    """An entry stored by an older version is brought up to date and loads."""
-    config_entry = MockConfigEntry(
-        domain=DOMAIN, version=1, minor_version=0, unique_id=server.server_id, data=server.entry_data()
-    )
-    await setup_entry(hass, config_entry)
-    assert config_entry.state is ConfigEntryState.LOADED
-    assert (config_entry.version, config_entry.minor_version) == (1, 1)
-
-
-async def test_migration_refuses_newer_version(
-    hass: HomeAssistant, server: WhisperGpuServer, caplog: pytest.LogCaptureFixture
+async def test_settings_changed_on_the_server_show_in_the_options_form(
+    hass: HomeAssistant, server: WhisperGpuServer, mock_config_entry: MockConfigEntry
 ) -> None:
-    """An entry stored by a newer version is not touched."""
-    config_entry = MockConfigEntry(domain=DOMAIN, version=2, unique_id=server.server_id, data=server.entry_data())
-    await setup_entry(hass, config_entry)
-    assert config_entry.state is ConfigEntryState.MIGRATION_ERROR
-    assert config_entry.version == 2
-    assert "has version 2 which is higher than the current version 1" in caplog.text
-
-
-async def test_options_follow_the_server(
-    hass: HomeAssistant, server: WhisperGpuServer, config_entry: MockConfigEntry
-) -> None:
-    """A change made on the server (curl, another client) shows up in the options."""
-    await setup_entry(hass, config_entry)
-    assert config_entry.options == {name: server.settings()[name] for name in OPTION_NAMES}
+    """A change made on the server (curl, another client) is what the options form offers next; no copy is kept."""
+    await setup_integration(hass, mock_config_entry)
 
     status, body = server.request("PATCH", "/api/v1/settings", {"beam_size": 2, "vad_threshold": 0.3})
     assert status == 200, body
     await poll(hass)
 
-    assert config_entry.options["beam_size"] == 2
-    assert config_entry.options["vad_threshold"] == 0.3
-    assert config_entry.state is ConfigEntryState.LOADED
+    result = await hass.config_entries.options.async_init(mock_config_entry.entry_id)
+    suggested = {
+        str(key): key.description["suggested_value"]
+        for value in result["data_schema"].schema.values()
+        for key in value.schema.schema
+    }
+    assert suggested["beam_size"] == 2
+    assert suggested["vad_threshold"] == 0.3
+    assert mock_config_entry.options == {}
+    assert mock_config_entry.state is ConfigEntryState.LOADED
 
 
 async def test_unavailable_while_down_and_back_by_itself(
     hass: HomeAssistant,
+    mock_config_entry: MockConfigEntry,
     own_server: WhisperGpuServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Down: unavailable, logged once. Back (restarted with a new boot value): available, options updated."""
+    """Down: unavailable, logged once. Back (restarted with a new boot value): available, settings read again."""
     own_server.start()
     status, body = own_server.request("PATCH", "/api/v1/settings", {"beam_size": 3})
     assert status == 200, body
-    entry = MockConfigEntry(
-        domain=DOMAIN, title="whisper-gpu", unique_id=own_server.server_id, data=own_server.entry_data()
-    )
-    await setup_entry(hass, entry)
-    assert entry.options["beam_size"] == 3
+    entry = mock_config_entry
+    await setup_integration(hass, entry, **own_server.entry_data())
+    assert entry.runtime_data.coordinator.data.settings["beam_size"] == 3
 
     own_server.stop()
     await poll(hass)
@@ -141,17 +130,17 @@ async def test_unavailable_while_down_and_back_by_itself(
     assert hass.states.get("sensor.whisper_gpu_model_state").state == "ready"
     assert hass.states.get("select.whisper_gpu_model").state == "tiny.en"
     assert caplog.text.count("Fetching whisper-gpu data recovered") == 1
-    assert entry.options["beam_size"] == 2
+    assert entry.runtime_data.coordinator.data.settings["beam_size"] == 2
     assert entry.state is ConfigEntryState.LOADED
 
 
-async def test_reauth_when_token_changes_while_running(hass: HomeAssistant, own_server: WhisperGpuServer) -> None:
+async def test_reauth_when_token_changes_while_running(
+    hass: HomeAssistant, mock_config_entry: MockConfigEntry, own_server: WhisperGpuServer
+) -> None:
     """The server came back with another token: reauth starts by itself."""
     own_server.start()
-    entry = MockConfigEntry(
-        domain=DOMAIN, title="whisper-gpu", unique_id=own_server.server_id, data=own_server.entry_data()
-    )
-    await setup_entry(hass, entry)
+    entry = mock_config_entry
+    await setup_integration(hass, entry, **own_server.entry_data())
 
     own_server.stop()
     await poll(hass)
@@ -164,14 +153,15 @@ async def test_reauth_when_token_changes_while_running(hass: HomeAssistant, own_
 
 
 async def test_repair_issue_when_model_fails(
-    hass: HomeAssistant, own_server: WhisperGpuServer, issue_registry: ir.IssueRegistry
+    hass: HomeAssistant,
+    mock_config_entry: MockConfigEntry,
+    own_server: WhisperGpuServer,
+    issue_registry: ir.IssueRegistry,
 ) -> None:
     """A model the offline server cannot get: a repair issue, gone when a model loads again."""
     own_server.start()
-    entry = MockConfigEntry(
-        domain=DOMAIN, title="whisper-gpu", unique_id=own_server.server_id, data=own_server.entry_data()
-    )
-    await setup_entry(hass, entry)
+    entry = mock_config_entry
+    await setup_integration(hass, entry, **own_server.entry_data())
     issue_id = f"model_failed_{entry.entry_id}"
 
     status, body = own_server.request("PATCH", "/api/v1/settings", {"model": "small.en"})
@@ -216,6 +206,7 @@ async def test_repair_issue_when_model_fails(
 )
 async def test_unexpected_answers_make_entities_unavailable(
     hass: HomeAssistant,
+    mock_config_entry: MockConfigEntry,
     server: WhisperGpuServer,
     stub_server: StubControlServer,
     route: tuple[str, str],
@@ -223,8 +214,8 @@ async def test_unexpected_answers_make_entities_unavailable(
 ) -> None:
     """An answer the integration cannot read counts as the server being away."""
     mirror(stub_server, server)
-    entry = stub_entry(stub_server, server)
-    await setup_entry(hass, entry)
+    entry = mock_config_entry
+    await setup_integration(hass, entry, control_port=stub_server.port)
     good = stub_server.routes[route]
 
     stub_server.routes[route] = answer
@@ -233,4 +224,32 @@ async def test_unexpected_answers_make_entities_unavailable(
 
     stub_server.routes[route] = good
     await poll(hass)
+    assert hass.states.get("sensor.whisper_gpu_model_state").state == "ready"
+
+
+async def test_device_follows_an_upgraded_server(
+    hass: HomeAssistant,
+    mock_client: AsyncMock,
+    mock_config_entry: MockConfigEntry,
+    device_registry: dr.DeviceRegistry,
+) -> None:
+    """Fast layer: a server that comes back upgraded, on a GPU, shows its new version and device."""
+    await setup_integration(hass, mock_config_entry)
+    info = mock_client.async_get_info.return_value
+    device = device_registry.async_get_device_by_identifier((DOMAIN, info.server_id), mock_config_entry.entry_id)
+    assert device is not None
+    assert (device.sw_version, device.hw_version) == (info.version, "Test CPU")
+
+    status = mock_client.async_get_status.return_value
+    mock_client.async_get_status.side_effect = WhisperGpuConnectionError("restarting")
+    await poll(hass)
+    assert hass.states.get("sensor.whisper_gpu_model_state").state == STATE_UNAVAILABLE
+    mock_client.async_get_status.side_effect = None
+    mock_client.async_get_status.return_value = status
+    mock_client.async_get_info.return_value = dataclasses.replace(info, version="9.9.9", device_name="NVIDIA L4")
+    await poll(hass)
+
+    device = device_registry.async_get_device_by_identifier((DOMAIN, info.server_id), mock_config_entry.entry_id)
+    assert device is not None
+    assert (device.sw_version, device.hw_version) == ("9.9.9", "NVIDIA L4")
     assert hass.states.get("sensor.whisper_gpu_model_state").state == "ready"

@@ -11,7 +11,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.whisper_gpu.const import DOMAIN
 
-from .common import OPTION_NAMES, OPTIONS_FORM, StubControlServer, WhisperGpuServer, mirror, setup_entry
+from .common import OPTION_NAMES, OPTIONS_FORM, StubControlServer, WhisperGpuServer, mirror, setup_integration
 
 
 def form_input(settings: dict[str, Any], **changes: Any) -> dict[str, dict[str, Any]]:
@@ -21,13 +21,13 @@ def form_input(settings: dict[str, Any], **changes: Any) -> dict[str, dict[str, 
 
 
 async def test_options_form_is_built_from_the_server(
-    hass: HomeAssistant, server: WhisperGpuServer, config_entry: MockConfigEntry
+    hass: HomeAssistant, server: WhisperGpuServer, mock_config_entry: MockConfigEntry
 ) -> None:
     """Sections with the server's models, languages and ranges; a change is sent and mirrored."""
-    await setup_entry(hass, config_entry)
+    await setup_integration(hass, mock_config_entry)
     settings = server.settings()
 
-    result = await hass.config_entries.options.async_init(config_entry.entry_id)
+    result = await hass.config_entries.options.async_init(mock_config_entry.entry_id)
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "init"
     schema = result["data_schema"].schema
@@ -57,14 +57,13 @@ async def test_options_form_is_built_from_the_server(
     assert result["type"] is FlowResultType.CREATE_ENTRY
     new_settings = server.settings()
     assert {name: new_settings[name] for name in changes} == changes
-    assert config_entry.options == result["data"]
-    assert config_entry.options["beam_size"] == 3
-    assert type(config_entry.options["speech_pad_ms"]) is int
-    assert config_entry.state is ConfigEntryState.LOADED
+    assert type(new_settings["speech_pad_ms"]) is int
+    assert mock_config_entry.options == {}, "the settings stay on the server"
+    assert mock_config_entry.state is ConfigEntryState.LOADED
 
 
 async def test_options_sends_only_changes(
-    hass: HomeAssistant, server: WhisperGpuServer, stub_server: StubControlServer
+    hass: HomeAssistant, mock_config_entry: MockConfigEntry, server: WhisperGpuServer, stub_server: StubControlServer
 ) -> None:
     """Unchanged values are not sent: a setting the operator changed stays the operator's."""
     mirror(stub_server, server)
@@ -73,8 +72,9 @@ async def test_options_sends_only_changes(
         200,
         {"settings": {**settings, "beam_size": 1}, "changed": ["beam_size"], "reload": False},
     )
-    entry = MockConfigEntry(domain=DOMAIN, data=server.entry_data(control_port=stub_server.port))
+    entry = mock_config_entry
     entry.add_to_hass(hass)
+    hass.config_entries.async_update_entry(entry, data=server.entry_data(control_port=stub_server.port))
 
     result = await hass.config_entries.options.async_init(entry.entry_id)
     result = await hass.config_entries.options.async_configure(result["flow_id"], form_input(settings))
@@ -87,17 +87,16 @@ async def test_options_sends_only_changes(
     assert [request for request in stub_server.requests if request[0] == "PATCH"] == [
         ("PATCH", "/api/v1/settings", {"beam_size": 1})
     ]
-    assert entry.options["beam_size"] == 1
 
 
 async def test_options_unknown_model_on_real_server(
-    hass: HomeAssistant, server: WhisperGpuServer, config_entry: MockConfigEntry
+    hass: HomeAssistant, server: WhisperGpuServer, mock_config_entry: MockConfigEntry
 ) -> None:
     """A typed-in model the server does not know: the error shows on the model section."""
-    config_entry.add_to_hass(hass)
+    mock_config_entry.add_to_hass(hass)
     settings = server.settings()
 
-    result = await hass.config_entries.options.async_init(config_entry.entry_id)
+    result = await hass.config_entries.options.async_init(mock_config_entry.entry_id)
     result = await hass.config_entries.options.async_configure(
         result["flow_id"], form_input(settings, model="no-such-model")
     )
@@ -136,6 +135,7 @@ async def test_options_unknown_model_on_real_server(
 )
 async def test_options_server_errors(
     hass: HomeAssistant,
+    mock_config_entry: MockConfigEntry,
     server: WhisperGpuServer,
     stub_server: StubControlServer,
     answer: tuple[int, Any],
@@ -144,8 +144,9 @@ async def test_options_server_errors(
     """Every error the server answers becomes a translated form error."""
     mirror(stub_server, server)
     stub_server.routes["PATCH", "/api/v1/settings"] = answer
-    entry = MockConfigEntry(domain=DOMAIN, data=server.entry_data(control_port=stub_server.port))
+    entry = mock_config_entry
     entry.add_to_hass(hass)
+    hass.config_entries.async_update_entry(entry, data=server.entry_data(control_port=stub_server.port))
     settings = server.settings()
 
     result = await hass.config_entries.options.async_init(entry.entry_id)
@@ -159,12 +160,13 @@ async def test_options_server_errors(
 
 
 async def test_options_server_gone_after_opening(
-    hass: HomeAssistant, server: WhisperGpuServer, stub_server: StubControlServer
+    hass: HomeAssistant, mock_config_entry: MockConfigEntry, server: WhisperGpuServer, stub_server: StubControlServer
 ) -> None:
     """The server went away while the form was open: cannot_connect, then success once it is back."""
     mirror(stub_server, server)
-    entry = MockConfigEntry(domain=DOMAIN, data=server.entry_data(control_port=stub_server.port))
+    entry = mock_config_entry
     entry.add_to_hass(hass)
+    hass.config_entries.async_update_entry(entry, data=server.entry_data(control_port=stub_server.port))
     settings = server.settings()
     result = await hass.config_entries.options.async_init(entry.entry_id)
 
@@ -174,10 +176,13 @@ async def test_options_server_gone_after_opening(
     assert result["errors"] == {"base": "cannot_connect"}
 
 
-async def test_options_server_down(hass: HomeAssistant, server: WhisperGpuServer, closed_port: int) -> None:
+async def test_options_server_down(
+    hass: HomeAssistant, mock_config_entry: MockConfigEntry, server: WhisperGpuServer, closed_port: int
+) -> None:
     """The server does not answer: the options cannot be shown."""
-    entry = MockConfigEntry(domain=DOMAIN, data=server.entry_data(control_port=closed_port))
+    entry = mock_config_entry
     entry.add_to_hass(hass)
+    hass.config_entries.async_update_entry(entry, data=server.entry_data(control_port=closed_port))
 
     result = await hass.config_entries.options.async_init(entry.entry_id)
 
@@ -186,7 +191,7 @@ async def test_options_server_down(hass: HomeAssistant, server: WhisperGpuServer
 
 
 async def test_options_form_follows_the_servers_schema(
-    hass: HomeAssistant, server: WhisperGpuServer, stub_server: StubControlServer
+    hass: HomeAssistant, mock_config_entry: MockConfigEntry, server: WhisperGpuServer, stub_server: StubControlServer
 ) -> None:
     """A server with fewer settings (older, say) gets a form with only those; its model shows."""
     mirror(stub_server, server)
@@ -195,8 +200,9 @@ async def test_options_form_follows_the_servers_schema(
     info["settings"]["beam_size"] = {"type": "integer", "default": 5}
     _, settings = stub_server.routes["GET", "/api/v1/settings"]
     settings["settings"]["model"] = "/models/my-finetune"
-    entry = MockConfigEntry(domain=DOMAIN, data=server.entry_data(control_port=stub_server.port))
+    entry = mock_config_entry
     entry.add_to_hass(hass)
+    hass.config_entries.async_update_entry(entry, data=server.entry_data(control_port=stub_server.port))
 
     result = await hass.config_entries.options.async_init(entry.entry_id)
 

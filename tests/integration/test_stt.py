@@ -15,18 +15,16 @@ from homeassistant.core import Context, HomeAssistant
 from homeassistant.setup import async_setup_component
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
-from custom_components.whisper_gpu.const import DOMAIN
-
-from .common import UTTERANCE, WhisperGpuServer, audio_stream, metadata, setup_entry, words
+from .common import UTTERANCE, WhisperGpuServer, audio_stream, metadata, setup_integration, words
 
 ENTITY_ID = "stt.whisper_gpu_speech_to_text"
 
 
 async def test_stt_entity(
-    hass: HomeAssistant, server: WhisperGpuServer, config_entry: MockConfigEntry, speech_pcm: bytes
+    hass: HomeAssistant, server: WhisperGpuServer, mock_config_entry: MockConfigEntry, speech_pcm: bytes
 ) -> None:
     """An utterance streamed to the entity comes back as its text."""
-    await setup_entry(hass, config_entry)
+    await setup_integration(hass, mock_config_entry)
     entity = stt.async_get_speech_to_text_entity(hass, ENTITY_ID)
     assert entity is not None
     assert entity.supported_languages == ["en"]
@@ -45,10 +43,10 @@ async def test_stt_entity(
 
 
 async def test_stt_error_from_server_stops_upload(
-    hass: HomeAssistant, config_entry: MockConfigEntry, speech_pcm: bytes
+    hass: HomeAssistant, server: WhisperGpuServer, mock_config_entry: MockConfigEntry, speech_pcm: bytes
 ) -> None:
     """The server refuses the language at once: the upload stops early, the result is an error."""
-    await setup_entry(hass, config_entry)
+    await setup_integration(hass, mock_config_entry)
     entity = stt.async_get_speech_to_text_entity(hass, ENTITY_ID)
     assert entity is not None
     sent = 0
@@ -67,13 +65,12 @@ async def test_stt_error_from_server_stops_upload(
     assert sent < total
 
 
-async def test_stt_server_gone(hass: HomeAssistant, own_server: WhisperGpuServer, speech_pcm: bytes) -> None:
+async def test_stt_server_gone(
+    hass: HomeAssistant, mock_config_entry: MockConfigEntry, own_server: WhisperGpuServer, speech_pcm: bytes
+) -> None:
     """The Wyoming port closed: an error result, not an exception."""
     own_server.start()
-    entry = MockConfigEntry(
-        domain=DOMAIN, title="whisper-gpu", unique_id=own_server.server_id, data=own_server.entry_data()
-    )
-    await setup_entry(hass, entry)
+    await setup_integration(hass, mock_config_entry, **own_server.entry_data())
     entity = stt.async_get_speech_to_text_entity(hass, ENTITY_ID)
     assert entity is not None
     own_server.stop()
@@ -83,12 +80,14 @@ async def test_stt_server_gone(hass: HomeAssistant, own_server: WhisperGpuServer
     assert result == stt.SpeechResult(None, stt.SpeechResultState.ERROR)
 
 
-async def test_assist_pipeline(hass: HomeAssistant, config_entry: MockConfigEntry, speech_pcm: bytes) -> None:
+async def test_assist_pipeline(
+    hass: HomeAssistant, server: WhisperGpuServer, mock_config_entry: MockConfigEntry, speech_pcm: bytes
+) -> None:
     """An Assist pipeline with this engine hears the command and hands it to the agent."""
     assert await async_setup_component(hass, "homeassistant", {})
     assert await async_setup_component(hass, "conversation", {})
     assert await async_setup_component(hass, "assist_pipeline", {})
-    await setup_entry(hass, config_entry)
+    await setup_integration(hass, mock_config_entry)
     pipeline = await async_create_default_pipeline(
         hass, stt_engine_id=ENTITY_ID, tts_engine_id=None, pipeline_name="whisper-gpu"
     )
@@ -132,10 +131,10 @@ async def microphone(pcm: bytes, chunk_bytes: int = 2048) -> AsyncGenerator[byte
 
 
 async def test_the_server_ends_the_command_while_the_microphone_still_streams(
-    hass: HomeAssistant, server: WhisperGpuServer, config_entry: MockConfigEntry, speech_pcm: bytes
+    hass: HomeAssistant, server: WhisperGpuServer, mock_config_entry: MockConfigEntry, speech_pcm: bytes
 ) -> None:
     """Home Assistant runs no VAD for this entity: the text comes back soon after the speech, audio still flowing."""
-    await setup_entry(hass, config_entry)
+    await setup_integration(hass, mock_config_entry)
     entity = stt.async_get_speech_to_text_entity(hass, ENTITY_ID)
     assert entity is not None
     assert entity.audio_processing.requires_external_vad is False

@@ -10,19 +10,10 @@ from homeassistant.core import HomeAssistant
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 from syrupy.assertion import SnapshotAssertion
 
-from custom_components.whisper_gpu.const import DOMAIN
-
-from .common import StubWyomingServer, WhisperGpuServer, audio_stream, metadata, setup_entry
+from .common import StubWyomingServer, WhisperGpuServer, audio_stream, metadata, setup_integration
 
 ENTITY_ID = "stt.whisper_gpu_speech_to_text"
 AUDIO = bytes(range(256)) * 24  # 6144 bytes: three chunks of 2048
-
-
-def entry_for(server: WhisperGpuServer, stub: StubWyomingServer) -> MockConfigEntry:
-    """An entry whose control API is the real server and whose Wyoming port is the stub."""
-    return MockConfigEntry(
-        domain=DOMAIN, title="whisper-gpu", unique_id=server.server_id, data=server.entry_data(wyoming_port=stub.port)
-    )
 
 
 def recorded(stub: StubWyomingServer) -> list[dict[str, Any]]:
@@ -31,10 +22,14 @@ def recorded(stub: StubWyomingServer) -> list[dict[str, Any]]:
 
 
 async def test_events_written(
-    hass: HomeAssistant, server: WhisperGpuServer, stub_wyoming: StubWyomingServer, snapshot: SnapshotAssertion
+    hass: HomeAssistant,
+    mock_config_entry: MockConfigEntry,
+    server: WhisperGpuServer,
+    stub_wyoming: StubWyomingServer,
+    snapshot: SnapshotAssertion,
 ) -> None:
     """Exactly these events go out: describe at setup, then one transcription."""
-    await setup_entry(hass, entry_for(server, stub_wyoming))
+    await setup_integration(hass, mock_config_entry, wyoming_port=stub_wyoming.port)
     entity = stt.async_get_speech_to_text_entity(hass, ENTITY_ID)
     assert entity is not None
     assert entity.audio_processing == stt.SpeechAudioProcessing(
@@ -64,10 +59,10 @@ class PlainAsyncIterator:
 
 
 async def test_plain_async_iterator(
-    hass: HomeAssistant, server: WhisperGpuServer, stub_wyoming: StubWyomingServer
+    hass: HomeAssistant, mock_config_entry: MockConfigEntry, server: WhisperGpuServer, stub_wyoming: StubWyomingServer
 ) -> None:
     """Any async iterable of bytes is streamed."""
-    await setup_entry(hass, entry_for(server, stub_wyoming))
+    await setup_integration(hass, mock_config_entry, wyoming_port=stub_wyoming.port)
     entity = stt.async_get_speech_to_text_entity(hass, ENTITY_ID)
     assert entity is not None
 
@@ -79,10 +74,14 @@ async def test_plain_async_iterator(
 
 @pytest.mark.parametrize("mode", ["close_on_stop", "cut_on_audio_stop"])
 async def test_connection_closed_before_transcript(
-    hass: HomeAssistant, server: WhisperGpuServer, stub_wyoming: StubWyomingServer, mode: str
+    hass: HomeAssistant,
+    mock_config_entry: MockConfigEntry,
+    server: WhisperGpuServer,
+    stub_wyoming: StubWyomingServer,
+    mode: str,
 ) -> None:
     """The server hangs up instead of answering, or in the middle of its answer: an error result, no exception."""
-    await setup_entry(hass, entry_for(server, stub_wyoming))
+    await setup_integration(hass, mock_config_entry, wyoming_port=stub_wyoming.port)
     entity = stt.async_get_speech_to_text_entity(hass, ENTITY_ID)
     assert entity is not None
     stub_wyoming.mode = mode
@@ -103,6 +102,7 @@ async def test_connection_closed_before_transcript(
 )
 async def test_describe_answers(
     hass: HomeAssistant,
+    mock_config_entry: MockConfigEntry,
     server: WhisperGpuServer,
     stub_wyoming: StubWyomingServer,
     mode: str,
@@ -110,6 +110,6 @@ async def test_describe_answers(
 ) -> None:
     """Other events before info are skipped; no asr program or no answer: setup is retried."""
     stub_wyoming.mode = mode
-    entry = entry_for(server, stub_wyoming)
-    await setup_entry(hass, entry)
+    entry = mock_config_entry
+    await setup_integration(hass, entry, wyoming_port=stub_wyoming.port)
     assert entry.state is state

@@ -39,10 +39,8 @@ def project_version() -> str:
     return match.group(1)
 
 
-def integration_domain() -> str | None:
-    """The integration's domain from its manifest, or None before the integration exists."""
-    if not MANIFEST.is_file():
-        return None
+def integration_domain() -> str:
+    """The integration's domain, from its manifest."""
     return str(json.loads(MANIFEST.read_text(encoding="utf-8"))["domain"])
 
 

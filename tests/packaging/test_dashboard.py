@@ -11,6 +11,8 @@ from typing import Any
 import promql_parser
 import pytest
 from packaging_support import DASHBOARD, README
+from prometheus_client import generate_latest
+from whisper_gpu.metrics import Metrics
 
 GRAFANA_RANGES = re.compile(r"\$__(rate_interval|interval|range)\b|\$\{__(rate_interval|interval|range)\}")
 LABEL_VALUES = re.compile(r"^\s*label_values\((?P<expr>.*),\s*\w+\s*\)\s*$", re.DOTALL)
@@ -155,13 +157,8 @@ def exported_names(text: str) -> set[str]:
 def metrics_text(request: pytest.FixtureRequest) -> str:
     """The exposition of the server's metrics registry (fast), and of the running server's /metrics."""
     if request.param == "registry":
-        metrics = pytest.importorskip("whisper_gpu.metrics")
-        prometheus_client = pytest.importorskip("prometheus_client")
-        return prometheus_client.generate_latest(metrics.Metrics(lambda: None).registry).decode()
-    try:
-        server = request.getfixturevalue("whisper_server")
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/conftest.py provides no whisper_server fixture yet")
+        return generate_latest(Metrics(lambda: None).registry).decode()
+    server = request.getfixturevalue("whisper_server")
     with urllib.request.urlopen(f"{server.control_url}/metrics", timeout=10) as response:  # noqa: S310 - local
         assert response.status == 200
         return response.read().decode()

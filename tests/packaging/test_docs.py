@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 from packaging_support import ADDON, KUSTOMIZE, README, REPO, load_yaml
+from whisper_gpu import models
+from whisper_gpu.settings import SETTINGS
 
 DOCS = sorted((REPO / "docs").glob("*.md"))
 USER_DOCS = [README, *DOCS, ADDON / "DOCS.md", ADDON / "README.md"]
@@ -102,7 +104,6 @@ def test_the_configmap_points_at_the_list_of_settings() -> None:
 
 
 def test_model_table_matches_the_catalogue_and_the_memory_estimate() -> None:
-    models = pytest.importorskip("whisper_gpu.models")
     rows = re.findall(
         r"^\| `([^`]+)` \| (\d+) M \| ([\d.]+) (MB|GB) \| (\d+) MB \| (\d+) MB \|",
         (REPO / "docs" / "models.md").read_text(encoding="utf-8"),
@@ -141,6 +142,5 @@ def test_the_mdns_table_says_what_the_images_and_the_deployment_set() -> None:
     assert ("ZEROCONF=off" in dockerfile, rows["Docker"]) == (True, "no")
     addon_dockerfile = (ADDON / "Dockerfile").read_text(encoding="utf-8")
     assert ("WHISPER_GPU_ZEROCONF=off" in addon_dockerfile, rows["the add-on"]) == (True, "no")
-    settings = pytest.importorskip("whisper_gpu.settings")
-    announces = settings.SETTINGS["zeroconf"].default != "off"
+    announces = SETTINGS["zeroconf"].default != "off"
     assert (announces, rows["`pip install`, `whisper-gpu` on a machine in Home Assistant's network"]) == (True, "yes")

@@ -136,3 +136,14 @@ def test_version_flag() -> None:
 
     result = run_cli("--version")
     assert result.stdout.strip() == f"whisper-gpu {__version__}"
+
+
+def test_an_unknown_model_is_refused_with_every_model_of_the_catalogue(tmp_path: Path) -> None:
+    """The message lists the models the server can load by name: all of the catalogue, none forgotten."""
+    from whisper_gpu.models import KNOWN_MODELS  # noqa: PLC0415 - the server's own catalogue
+
+    result = run_cli("serve", "--data-dir", str(tmp_path), "--model", "no such model")
+
+    assert result.returncode == 2
+    listed = result.stderr.partition("a model name (")[2].partition(")")[0].split(", ")
+    assert listed == list(KNOWN_MODELS)
