@@ -28,9 +28,9 @@ import atheris
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 with atheris.instrument_imports(include=["whisper_gpu"]):
+    from whisper_gpu.boot_settings import resolve_settings
     from whisper_gpu.server import WyomingServer
     from whisper_gpu.service import Service
-    from whisper_gpu.settings import resolve_settings
 
 from wyoming.event import Event, async_read_event
 

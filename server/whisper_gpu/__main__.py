@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .settings import SETTINGS, ResolvedSettings, SettingError, add_setting_flags, resolve_settings
+from .boot_settings import ResolvedSettings, add_setting_flags, resolve_settings
+from .settings import SETTINGS, SettingError
 
 _LOGGER = logging.getLogger("whisper_gpu")
 COMMANDS = ("serve", "transcribe", "models", "health", "token")
@@ -90,8 +91,8 @@ def _configure_logging(level: str) -> None:
 
 
 def _serve(_args: argparse.Namespace, settings: ResolvedSettings) -> int:
+    from .identity import TokenError  # noqa: PLC0415
     from .server import serve  # noqa: PLC0415 - keeps `token` and `health` quick to start
-    from .service import TokenError  # noqa: PLC0415
 
     try:
         return asyncio.run(serve(settings))
@@ -211,7 +212,7 @@ def _health(args: argparse.Namespace, settings: ResolvedSettings) -> int:
 
 
 def _token(_args: argparse.Namespace, settings: ResolvedSettings) -> int:
-    from .service import TOKEN_FILE, TokenError, load_or_create_token  # noqa: PLC0415
+    from .identity import TOKEN_FILE, TokenError, load_or_create_token  # noqa: PLC0415
 
     data_dir = Path(settings["data_dir"])
     if not (settings["control_token"] or settings["control_token_file"] or (data_dir / TOKEN_FILE).is_file()):

@@ -24,6 +24,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from .errors import CodedError
+
 _LOGGER = logging.getLogger(__name__)
 
 MODEL_FILE = "model.bin"
@@ -51,13 +53,12 @@ class ModelErrorCode(StrEnum):
     SAVE_FAILED = "save_failed"
 
 
-class ModelError(Exception):
+class ModelError(CodedError):
     """A model could not be provided or loaded; the message says what to do."""
 
     def __init__(self, code: ModelErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(code, message)
+        self.code: ModelErrorCode = code
 
 
 @dataclass(frozen=True)

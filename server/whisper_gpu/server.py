@@ -12,11 +12,11 @@ from aiohttp import web
 from wyoming.error import Error
 from wyoming.event import async_write_event
 
+from .boot_settings import ResolvedSettings
 from .control import create_app
 from .discovery import Announcer
 from .engine import UnsupportedOnDeviceError
 from .service import Service
-from .settings import ResolvedSettings
 from .wyoming_handler import MAX_HEADER_BYTES, ConnectionLimits, WyomingHandler, linger
 
 _LOGGER = logging.getLogger(__name__)

@@ -9,10 +9,8 @@ import asyncio
 import errno
 import json
 import logging
-import secrets
 import threading
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .boot_settings import ResolvedSettings
 from .endpoint import EndpointSettings
 from .engine import (
     DecodeOptions,
@@ -34,7 +33,10 @@ from .engine import (
     resolve_device,
     supported_compute_types,
 )
+from .errors import CodedError
+from .files import write_atomically
 from .hardware import describe_device, device_memory, usable_cpu_count
+from .identity import load_or_create_server_id, load_or_create_token
 from .inference import InferenceQueue, Urgency
 from .live import LiveSettings
 from .metrics import Metrics
@@ -52,18 +54,14 @@ from .settings import (
     SETTINGS,
     WHISPER_LANGUAGES,
     ErrorCode,
-    ResolvedSettings,
     SettingError,
-    SettingsStore,
     validate_change,
-    write_atomically,
 )
+from .settings_store import SettingsStore
 
 _LOGGER = logging.getLogger(__name__)
 
 RELOAD_SETTINGS = frozenset(name for name in RUNTIME_SETTINGS if SETTINGS[name].reload)
-SERVER_ID_FILE = "server_id"
-TOKEN_FILE = "control_token"  # noqa: S105 - a file name, not a secret
 LOAD_JOURNAL_FILE = "model_load.json"
 
 
@@ -76,13 +74,8 @@ class ModelState(StrEnum):
     FAILED = "failed"
 
 
-class RequestError(Exception):
+class RequestError(CodedError):
     """A request the service cannot serve; the code goes to the client in a Wyoming `error` event."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class ReloadInProgressError(Exception):
@@ -813,48 +806,3 @@ def accepted_compute_types(supported: Iterable[str]) -> list[str]:
 
 def _summarise(languages: list[str] | tuple[str, ...]) -> str:
     return ", ".join(languages) if len(languages) <= _LANGUAGES_LISTED else f"{len(languages)} languages"
-
-
-def load_or_create_server_id(data_dir: Path) -> str:
-    """A random id made on first start and kept, so Home Assistant knows the server when its address changes."""
-    path = data_dir / SERVER_ID_FILE
-    try:
-        existing = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        existing = ""
-    if existing:
-        return existing
-    server_id = uuid.uuid4().hex
-    write_atomically(path, server_id + "\n")
-    return server_id
-
-
-class TokenError(ValueError):
-    """The control token cannot be read."""
-
-
-def load_or_create_token(settings: ResolvedSettings | Mapping[str, Any], data_dir: Path) -> str:
-    """`CONTROL_TOKEN`, else the file `CONTROL_TOKEN_FILE`, else one generated once into `DATA_DIR` (0600)."""
-    if settings["control_token"]:
-        return str(settings["control_token"])
-    if settings["control_token_file"]:
-        path = Path(settings["control_token_file"])
-        try:
-            token = path.read_text(encoding="utf-8").strip()
-        except OSError as err:
-            msg = f"CONTROL_TOKEN_FILE {path} cannot be read: {err.strerror}"
-            raise TokenError(msg) from err
-        if not token:
-            msg = f"CONTROL_TOKEN_FILE {path} is empty"
-            raise TokenError(msg)
-        return token
-    path = data_dir / TOKEN_FILE
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        token = ""
-    if not token:
-        token = secrets.token_urlsafe(32)
-        write_atomically(path, token + "\n", mode=0o600)
-        _LOGGER.info("Generated a control token in %s; `whisper-gpu token` prints it", path)
-    return token

@@ -6,21 +6,18 @@ options flow, so a name or range is written down exactly once.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 import voluptuous as vol
 from faster_whisper.tokenizer import _LANGUAGE_CODES
 
-from .models import KNOWN_MODELS, is_known_model, is_model_path, looks_like_model_reference
+from .errors import CodedError
+from .models import KNOWN_MODELS, is_known_model, looks_like_model_reference
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -67,14 +64,16 @@ class ErrorCode(StrEnum):
     PATH_NOT_ALLOWED = "path_not_allowed"
 
 
-class SettingError(ValueError):
+class SettingError(CodedError, ValueError):
     """A value that the schema refuses, with the setting's name and a code."""
 
     def __init__(self, name: str, code: ErrorCode, message: str) -> None:
-        super().__init__(f"{name}: {message}")
+        super().__init__(code, message)
         self.name = name
-        self.code = code
-        self.message = message
+        self.code: ErrorCode = code
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.message}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -485,87 +484,6 @@ SETTINGS: Mapping[str, SettingSpec] = _spec_table(
 RUNTIME_SETTINGS: tuple[str, ...] = tuple(name for name, spec in SETTINGS.items() if spec.runtime)
 
 
-@dataclass
-class ResolvedSettings:
-    """The effective values and, for each, where it came from."""
-
-    values: dict[str, Any]
-    sources: dict[str, Source]
-    notes: list[str] = field(default_factory=list)
-
-    def __getitem__(self, name: str) -> Any:
-        return self.values[name]
-
-
-def add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting; every flag defaults to None so that an absent flag is told apart."""
-    group = parser.add_argument_group("settings (flag, else WHISPER_GPU_<NAME>, else <NAME>, else default)")
-    for spec in SETTINGS.values():
-        if spec.kind is bool:
-            group.add_argument(spec.flag, action=argparse.BooleanOptionalAction, default=None, help=spec.description)
-        else:
-            metavar = "TOKEN" if spec.secret else spec.name.upper()
-            group.add_argument(spec.flag, default=None, metavar=metavar, help=spec.description)
-
-
-def resolve_settings(flags: Mapping[str, Any], environ: Mapping[str, str]) -> ResolvedSettings:
-    """Apply precedence: flag, then WHISPER_GPU_<NAME>, then bare <NAME>, then the default.
-
-    Raises SettingError naming the setting and what it allows.
-    """
-    values: dict[str, Any] = {}
-    sources: dict[str, Source] = {}
-    notes: list[str] = []
-    for name, spec in SETTINGS.items():
-        flag_value = flags.get(name)
-        if flag_value is not None:
-            values[name] = spec.validate(flag_value) if isinstance(flag_value, bool) else spec.parse(str(flag_value))
-            sources[name] = Source.FLAG
-            continue
-        text, note = _from_environment(spec, environ)
-        if note:
-            notes.append(note)
-        if text is None:
-            values[name] = spec.default
-            sources[name] = Source.DEFAULT
-            continue
-        values[name] = spec.parse(text)
-        sources[name] = Source.ENV
-    if not values["data_dir"]:
-        values["data_dir"] = str(default_data_dir(environ))
-    return ResolvedSettings(values, sources, notes)
-
-
-def _from_environment(spec: SettingSpec, environ: Mapping[str, str]) -> tuple[str | None, str | None]:
-    """The text for a setting from the environment, and a note for the log when a value is skipped."""
-    prefixed = ENV_PREFIX + spec.env
-    if environ.get(prefixed, "").strip():
-        return environ[prefixed], None
-    bare = environ.get(spec.env, "").strip()
-    if not bare:
-        return None, None
-    if spec.name == "language" and _is_locale_list(bare):
-        return None, f"Ignoring LANGUAGE={bare}: a locale list, not a Whisper language (set WHISPER_GPU_LANGUAGE)"
-    return bare, None
-
-
-def _is_locale_list(text: str) -> bool:
-    try:
-        _check_language(text)
-    except vol.Invalid:
-        return bool(_LOCALE_LIST_PATTERN.match(text))
-    return False
-
-
-def default_data_dir(environ: Mapping[str, str]) -> Path:
-    """`/data` when it is writable (containers), else the user's data directory."""
-    container_data = Path("/data")
-    if container_data.is_dir() and os.access(container_data, os.W_OK):
-        return container_data
-    xdg = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(xdg) / "whisper-gpu"
-
-
 def validate_change(name: str, value: Any) -> Any:
     """Check one field of a `PATCH`: known, changeable at run time, and valid."""
     spec = SETTINGS.get(name)
@@ -576,135 +494,10 @@ def validate_change(name: str, value: Any) -> Any:
     return spec.validate(value)
 
 
-class SettingsStore:
-    """Runtime settings with their sources, kept in `DATA_DIR/settings.json` across restarts.
-
-    Flags and environment values are boot values. Each stored change remembers the boot value it replaced;
-    when the operator has since changed the boot value (a ConfigMap edit), the boot value wins.
-    """
-
-    FILE_NAME = "settings.json"
-
-    def __init__(self, boot: ResolvedSettings, data_dir: Path) -> None:
-        self._boot = boot
-        self._path = data_dir / self.FILE_NAME
-        self._values: dict[str, Any] = {name: boot.values[name] for name in RUNTIME_SETTINGS}
-        self._sources: dict[str, Source] = {name: boot.sources[name] for name in RUNTIME_SETTINGS}
-        self._overrides: dict[str, dict[str, Any]] = {}
-        self._load()
-
-    @property
-    def path(self) -> Path:
-        """Where changes are kept."""
-        return self._path
-
-    @property
-    def values(self) -> dict[str, Any]:
-        """Effective runtime values (a copy)."""
-        return dict(self._values)
-
-    @property
-    def sources(self) -> dict[str, str]:
-        """Where each runtime value came from."""
-        return {name: str(source) for name, source in self._sources.items()}
-
-    def __getitem__(self, name: str) -> Any:
-        return self._values[name]
-
-    def changed_names(self, changes: Mapping[str, Any]) -> list[str]:
-        """The names whose value a change would alter."""
-        return [name for name, value in changes.items() if self._values[name] != value]
-
-    def preview(self, changes: Mapping[str, Any]) -> dict[str, Any]:
-        """The effective values once a change has been applied."""
-        return {**self._values, **changes}
-
-    def apply(self, changes: Mapping[str, Any]) -> list[str]:
-        """Take validated values: save them (atomically) first, then change what is in force.
-
-        Returns the names whose value changed; raises OSError (nothing changed) when the file cannot be written.
-        """
-        changed = self.changed_names(changes)
-        if not changed:
-            return changed
-        overrides = dict(self._overrides)
-        for name in changed:
-            value = changes[name]
-            if value == self._boot.values[name]:
-                overrides.pop(name, None)
-            else:
-                overrides[name] = {"value": value, "boot": self._boot.values[name]}
-        self._save(overrides)
-        self._overrides = overrides
-        for name in changed:
-            self._values[name] = changes[name]
-            self._sources[name] = Source.API if name in overrides else self._boot.sources[name]
-        return changed
-
-    def _load(self) -> None:
-        try:
-            stored = json.loads(self._path.read_text(encoding="utf-8"))
-            overrides = stored["overrides"]
-            if not isinstance(overrides, dict):
-                raise TypeError("overrides is not an object")  # noqa: TRY301
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            _LOGGER.warning("Ignoring %s: unreadable (%s)", self._path, err)
-            return
-        for name, entry in overrides.items():
-            if not self._accept_stored(name, entry):
-                continue
-            self._values[name] = entry["value"]
-            self._sources[name] = Source.API
-            self._overrides[name] = entry
-        dropped = set(overrides) - set(self._overrides)
-        if dropped:
-            try:
-                self._save(self._overrides)
-            except OSError as err:
-                _LOGGER.warning("Cannot rewrite %s without the dropped settings: %s", self._path, err)
-
-    def _accept_stored(self, name: str, entry: Any) -> bool:
-        if name not in RUNTIME_SETTINGS or not isinstance(entry, dict) or "value" not in entry:
-            _LOGGER.warning("Dropping stored setting %s: not a runtime setting", name)
-            return False
-        boot_value = self._boot.values[name]
-        if entry.get("boot") != boot_value:
-            _LOGGER.info(
-                "Dropping stored %s=%r: its boot value changed from %r to %r since it was set, and the boot value wins",
-                name,
-                entry["value"],
-                entry.get("boot"),
-                boot_value,
-            )
-            return False
-        value = entry["value"]
-        if name == "model" and isinstance(value, str) and is_model_path(value) and not self._boot["allow_model_paths"]:
-            _LOGGER.warning("Dropping stored model %s: a directory, and ALLOW_MODEL_PATHS is off", value)
-            return False
-        try:
-            SETTINGS[name].validate(value)
-        except SettingError as err:
-            _LOGGER.warning("Dropping stored setting %s: %s", name, err.message)
-            return False
-        return True
-
-    def _save(self, overrides: Mapping[str, dict[str, Any]]) -> None:
-        write_atomically(self._path, json.dumps({"version": 1, "overrides": overrides}, indent=2) + "\n")
-
-
-def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+def is_locale_list(text: str) -> bool:
+    """Whether a value is a gettext locale list (desktop sessions set LANGUAGE so) rather than a Whisper code."""
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        temporary.replace(path)
-    except OSError:
-        temporary.unlink(missing_ok=True)  # a full disk keeps the old file and no half-written copy
-        raise
+        _check_language(text)
+    except vol.Invalid:
+        return bool(_LOCALE_LIST_PATTERN.match(text))
+    return False

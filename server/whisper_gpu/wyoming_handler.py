@@ -25,6 +25,7 @@ from wyoming.ping import Ping, Pong
 from . import __version__
 from .audio import AudioBuffer, AudioFormatError, PcmFormat
 from .engine import TranscriptResult
+from .errors import CodedError
 from .inference import Urgency
 from .live import LiveRequest, LiveSettings
 from .service import RequestError
@@ -39,13 +40,8 @@ _LEFT_WAITING = "the client left while its request waited for the model"
 ATTRIBUTION = Attribution(name="OpenAI Whisper on faster-whisper", url="https://github.com/SYSTRAN/faster-whisper")
 
 
-class ProtocolError(Exception):
+class ProtocolError(CodedError):
     """Input that breaks the framing; the connection cannot continue after it."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class TranscriptionService(Protocol):

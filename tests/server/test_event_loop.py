@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from whisper_gpu import hardware
+from whisper_gpu.boot_settings import resolve_settings
 from whisper_gpu.control import create_app
 from whisper_gpu.service import Service
-from whisper_gpu.settings import resolve_settings
 
 GATE_TIMEOUT = 10.0
 TOKEN = "event-loop-test-token"  # noqa: S105 - a test credential
