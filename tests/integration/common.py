@@ -5,7 +5,7 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, ClassVar, Self
@@ -25,6 +25,7 @@ from wyoming.event import Event, async_read_event, async_write_event
 from wyoming.info import AsrModel, AsrProgram, Attribution, Describe, Info
 from wyoming.ping import Ping
 
+from custom_components.whisper_gpu.api import TranscriptUpdate
 from custom_components.whisper_gpu.const import CONF_CONTROL_PORT, CONF_WYOMING_PORT, SCAN_INTERVAL
 
 HOST = "127.0.0.1"
@@ -182,6 +183,18 @@ def mirror(stub: StubControlServer, server: WhisperGpuServer) -> None:
     for path in ("/api/v1/info", "/api/v1/settings", "/api/v1/status"):
         stub.routes["GET", path] = server.request("GET", path)
     stub.routes["GET", "/api/v1/auth"] = (204, None)
+
+
+def transcript_updates(*items: TranscriptUpdate | Exception) -> Callable[..., AsyncGenerator[TranscriptUpdate]]:
+    """A stand-in for the client's `async_transcribe_updates`: yields the updates, raises the exceptions, in order."""
+
+    async def updates(*_: object) -> AsyncGenerator[TranscriptUpdate]:
+        for item in items:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    return updates
 
 
 def metadata(language: str = "en") -> stt.SpeechMetadata:

@@ -28,7 +28,7 @@ from syrupy.assertion import SnapshotAssertion
 from wyoming.event import Event
 from wyoming.info import Info
 
-from custom_components.whisper_gpu.api import ServerInfo, ServerStatus
+from custom_components.whisper_gpu.api import ServerInfo, ServerStatus, TranscriptUpdate
 from custom_components.whisper_gpu.const import DOMAIN
 
 from .common import (
@@ -39,6 +39,7 @@ from .common import (
     StubWyomingServer,
     WhisperGpuServer,
     free_port,
+    transcript_updates,
 )
 
 
@@ -146,7 +147,7 @@ def mock_client() -> Iterator[AsyncMock]:
         client.async_check_auth.return_value = None
         client.async_update_settings.return_value = settings
         client.async_describe.return_value = Info.from_event(Event("info", api_fixtures.load("describe"))).asr[0]
-        client.async_transcribe.return_value = UTTERANCE
+        client.async_transcribe_updates.side_effect = transcript_updates(TranscriptUpdate(UTTERANCE, final=True))
         yield client
 
 

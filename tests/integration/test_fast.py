@@ -32,7 +32,15 @@ from custom_components.whisper_gpu.api import (
 )
 from custom_components.whisper_gpu.const import DOMAIN
 
-from .common import FIXTURE_ENTRY_DATA, UTTERANCE, audio_stream, metadata, poll, setup_integration
+from .common import (
+    FIXTURE_ENTRY_DATA,
+    UTTERANCE,
+    audio_stream,
+    metadata,
+    poll,
+    setup_integration,
+    transcript_updates,
+)
 
 pytestmark = pytest.mark.usefixtures("mock_client")
 
@@ -227,7 +235,9 @@ async def test_speech_to_text(hass: HomeAssistant, mock_client: AsyncMock, mock_
     result = await entity.async_process_audio_stream(metadata(), audio_stream(b"\0" * 4096))
     assert result == stt.SpeechResult(UTTERANCE, stt.SpeechResultState.SUCCESS)
 
-    mock_client.async_transcribe.side_effect = WhisperGpuTranscriptionError("no model", "model_not_ready")
+    mock_client.async_transcribe_updates.side_effect = transcript_updates(
+        WhisperGpuTranscriptionError("no model", "model_not_ready")
+    )
     result = await entity.async_process_audio_stream(metadata(), audio_stream(b"\0" * 4096))
     assert result == stt.SpeechResult(None, stt.SpeechResultState.ERROR)
 
