@@ -14,6 +14,8 @@ output already computed.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import math
 import time
@@ -50,6 +52,10 @@ _PIECES_PER_CALL = 16  # bounds the memory of one encoder call
 _UNSURE_LOGPROB = -0.4
 _FULL_FRAMES = round(FULL_WINDOW_S * _FRAMES_PER_SECOND)
 _HALF_PRECISION = ("float16", "bfloat16", "int8_float16", "int8_bfloat16")
+# CTranslate2 skips an unload while its worker threads still hold the model (just after a call returned); it is
+# tried again this often, this long.
+_UNLOAD_RETRY_S = 0.01
+_UNLOAD_PATIENCE_S = 5.0
 
 
 ResultCallback = Callable[[int, "TranscriptResult"], None]
@@ -234,6 +240,7 @@ class WhisperEngine:
         self.languages: list[str] = sorted(_LANGUAGE_CODES) if self.multilingual else ["en"]
         self._tokenizers: dict[str, Tokenizer] = {}
         self._suppressed = list(get_suppressed_tokens(self._tokenizer("en"), (-1,)) or ())
+        self._parked = False
         self.load_seconds = time.monotonic() - started
 
     def warm_up(self, window_s: float = 10.0) -> None:
@@ -258,6 +265,40 @@ class WhisperEngine:
     def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> TranscriptResult:
         """Transcribe one request; silence gives empty text without running the model."""
         return self._transcribe([(audio, options)], vad=True)[0]
+
+    @property
+    def resident(self) -> bool:
+        """Whether the weights are on the device, ready to compute (not parked).
+
+        Kept here rather than asked of CTranslate2, whose answer waits while a restore holds the model's lock.
+        """
+        return self._model is not None and not self._parked
+
+    def park(self, *, keep_in_host_memory: bool) -> None:
+        """Give the device's memory back while keeping what `restore` needs; the caller ensures nothing runs.
+
+        On a GPU the weights can wait in host memory (`keep_in_host_memory`), which makes `restore` a copy; on a CPU,
+        and otherwise, they are unloaded completely and `restore` reads them from disk again.
+        """
+        model = self._require_model().model
+        to_cpu = keep_in_host_memory and self.device.kind != "cpu"
+        deadline = time.monotonic() + _UNLOAD_PATIENCE_S
+        model.unload_model(to_cpu=to_cpu)
+        while model.model_is_loaded:
+            if time.monotonic() > deadline:
+                msg = f"CTranslate2 kept {self.name} loaded: it is still in use"
+                raise RuntimeError(msg)
+            time.sleep(_UNLOAD_RETRY_S)
+            model.unload_model(to_cpu=to_cpu)
+        self._parked = True
+        if not to_cpu:
+            _return_freed_memory()
+        _LOGGER.info("Parked %s (%s)", self.name, "weights in host memory" if to_cpu else "unloaded")
+
+    def restore(self) -> None:
+        """Bring parked weights back onto the device (from host memory, or from disk after a full unload)."""
+        self._require_model().model.load_model()
+        self._parked = False
 
     def close(self) -> None:
         """Free the model's memory now (GPU memory too) rather than whenever the garbage collector runs."""
@@ -426,3 +467,17 @@ class WhisperEngine:
             msg = f"model {self.name} was unloaded"
             raise RuntimeError(msg)
         return self._model
+
+
+def _return_freed_memory() -> None:
+    """Ask glibc to hand freed heap pages back to the system, so an unloaded model leaves the process's RSS.
+
+    Without it the allocator keeps most of the freed weights for later use; other C libraries have no such call.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    libc = ctypes.CDLL(name)
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
