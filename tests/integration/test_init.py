@@ -17,6 +17,7 @@ from .common import OPTION_NAMES, StubControlServer, WhisperGpuServer, mirror, p
 
 ENTITIES = (
     "stt.whisper_gpu_speech_to_text",
+    "button.whisper_gpu_free_gpu_memory",
     "select.whisper_gpu_model",
     "sensor.whisper_gpu_model_state",
     "sensor.whisper_gpu_loaded_model",
