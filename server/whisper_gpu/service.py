@@ -277,6 +277,11 @@ class ModelManager:
         return self.parked and self._residency is not None and not self._residency.done()
 
     @property
+    def parking(self) -> bool:
+        """The serving model is being parked (or waits for the work queued before the park)."""
+        return not self.parked and self._residency is not None and not self._residency.done()
+
+    @property
     def shown_state(self) -> ModelState:
         """The state for `/api/v1/status`: a serving model whose weights are parked is `parked`."""
         return ModelState.PARKED if self.state == ModelState.READY and self.parked else self.state
@@ -351,8 +356,7 @@ class ModelManager:
         engine = self.engine
         if engine is None or engine.resident:
             return
-        if self._residency is None or self._residency.done():
-            self._residency = asyncio.create_task(self._restore_parked(engine, trigger), name="restore")
+        self._residency = asyncio.create_task(self._restore_parked(engine, trigger), name="restore")
         await asyncio.shield(self._residency)
 
     async def _settle(self) -> None:
@@ -540,6 +544,7 @@ class ModelManager:
             _LOGGER.error("Could not reload %s either: %s", previous.name, err.message)  # noqa: TRY400 - no traceback
             return
         self._metrics.model_ready.set(1)
+        self._metrics.model_resident.set(1)
         _LOGGER.info("Reloaded %s after the failed switch", previous.name)
 
 
@@ -652,7 +657,7 @@ class Service:
         The idle timer restarts too. The transcription, once its audio is complete, waits for what is left.
         """
         self._touch()
-        if not self.models.parked or self.models.restoring:
+        if self.models.restoring or not (self.models.parked or self.models.parking):
             return
         task = asyncio.create_task(self._restore_early(), name="restore on request")
         self._early_restores.add(task)
