@@ -301,11 +301,11 @@ class WhisperEngine:
         One short decode follows: the first call after a load sets up buffers, and it should not be a user's.
         """
         self._require_model().model.load_model()
-        self._parked = False
         options = DecodeOptions("en", 5, 0.0, 0, FULL_WINDOW_S, 0, window_s=window_s)
         request = _Request(1.0, options, dict.fromkeys(STAGES, 0.0))
         frames = round(min(window_s, FULL_WINDOW_S) * _FRAMES_PER_SECOND)
         self._decode([_Piece(request, np.zeros(SAMPLE_RATE, dtype=np.float32), frames)], 5, frames)
+        self._parked = False
 
     def close(self) -> None:
         """Free the model's memory now (GPU memory too) rather than whenever the garbage collector runs."""

@@ -141,7 +141,9 @@ async def test_audio_start_brings_the_model_back_while_the_audio_still_arrives(
         await client.write_event(Transcribe(language="en").event())
         await client.write_event(AudioStart(rate=rate, width=width, channels=channels).event())
         # No audio yet: the model comes back all the same.
-        restored = await wait_for(http, server, resident, timeout=30)
+        restored = await wait_for(
+            http, server, lambda status: resident(status) and status["parking"]["last_restore"], timeout=30
+        )
         assert restored["parking"]["last_restore"]["trigger"] == "request"
         await client.write_event(AudioChunk(rate=rate, width=width, channels=channels, audio=audio).event())
         await client.write_event(AudioStop().event())
