@@ -240,7 +240,6 @@ class WhisperEngine:
         self.languages: list[str] = sorted(_LANGUAGE_CODES) if self.multilingual else ["en"]
         self._tokenizers: dict[str, Tokenizer] = {}
         self._suppressed = list(get_suppressed_tokens(self._tokenizer("en"), (-1,)) or ())
-        self._parked = False
         self.load_seconds = time.monotonic() - started
 
     def warm_up(self, window_s: float = 10.0) -> None:
@@ -266,14 +265,6 @@ class WhisperEngine:
         """Transcribe one request; silence gives empty text without running the model."""
         return self._transcribe([(audio, options)], vad=True)[0]
 
-    @property
-    def resident(self) -> bool:
-        """Whether the weights are on the device, ready to compute (not parked).
-
-        Kept here rather than asked of CTranslate2, whose answer waits while a restore holds the model's lock.
-        """
-        return self._model is not None and not self._parked
-
     def park(self, *, keep_in_host_memory: bool) -> None:
         """Give the device's memory back while keeping what `restore` needs; the caller ensures nothing runs.
 
@@ -290,7 +281,6 @@ class WhisperEngine:
                 raise RuntimeError(msg)
             time.sleep(_UNLOAD_RETRY_S)
             model.unload_model(to_cpu=to_cpu)
-        self._parked = True
         if not to_cpu:
             _return_freed_memory()
         _LOGGER.info("Parked %s (%s)", self.name, "weights in host memory" if to_cpu else "unloaded")
@@ -305,7 +295,6 @@ class WhisperEngine:
         request = _Request(1.0, options, dict.fromkeys(STAGES, 0.0))
         frames = round(min(window_s, FULL_WINDOW_S) * _FRAMES_PER_SECOND)
         self._decode([_Piece(request, np.zeros(SAMPLE_RATE, dtype=np.float32), frames)], 5, frames)
-        self._parked = False
 
     def close(self) -> None:
         """Free the model's memory now (GPU memory too) rather than whenever the garbage collector runs."""

@@ -258,6 +258,8 @@ class ModelManager:
         self._retiring: set[asyncio.Task[None]] = set()
         self._residency: asyncio.Task[None] | None = None
         """The park or restore under way; requests wait for it."""
+        self._parked: WhisperEngine | None = None
+        """The engine whose weights are off its device (set on the event loop, with the metrics and the status)."""
         self.parked_at: datetime | None = None
         self.last_restore: Restore | None = None
 
@@ -269,7 +271,7 @@ class ModelManager:
     @property
     def parked(self) -> bool:
         """The serving model's weights are off its device."""
-        return self.engine is not None and not self.engine.resident
+        return self.engine is not None and self._parked is self.engine
 
     @property
     def restoring(self) -> bool:
@@ -331,7 +333,7 @@ class ModelManager:
             if self._residency is not None and not self._residency.done():
                 await asyncio.wait([self._residency])
                 continue
-            if self.engine.resident:
+            if not self.parked:
                 return self.engine
             try:
                 await self.restore(trigger="request")
@@ -345,7 +347,7 @@ class ModelManager:
         """
         await self._settle()
         engine = self.engine
-        if engine is None or not engine.resident:
+        if engine is None or self.parked:
             return
         self._residency = asyncio.create_task(self._park(engine, keep_in_host_memory, trigger), name="park")
         await asyncio.shield(self._residency)
@@ -354,7 +356,7 @@ class ModelManager:
         """Bring a parked model back; callers arriving meanwhile share the one restore. Raises RestoreFailedError."""
         await self._settle()
         engine = self.engine
-        if engine is None or engine.resident:
+        if engine is None or not self.parked:
             return
         self._residency = asyncio.create_task(self._restore_parked(engine, trigger), name="restore")
         await asyncio.shield(self._residency)
@@ -370,6 +372,7 @@ class ModelManager:
         except Exception:
             _LOGGER.exception("Parking %s failed; it stays loaded", engine.name)
             return
+        self._parked = engine
         if engine is self.engine:
             self.parked_at = datetime.now(UTC)
             self._metrics.model_resident.set(0)
@@ -384,6 +387,7 @@ class ModelManager:
             msg = f"bringing {engine.name} back failed: {err}"
             raise RestoreFailedError(msg) from err
         seconds = time.monotonic() - started
+        self._parked = None
         self.last_restore = Restore(seconds, trigger, datetime.now(UTC))
         self.parked_at = None
         self._metrics.model_resident.set(1)
@@ -704,8 +708,9 @@ class Service:
             keep_alive = float(self.settings["keep_alive_s"])
             delay = None
             if keep_alive > 0:
+                remaining = self._last_activity + keep_alive - time.monotonic()
                 # Once due but not possible (busy, loading, parked already), look again a little later.
-                delay = max(self._last_activity + keep_alive - time.monotonic(), _IDLE_RECHECK_S)
+                delay = remaining if remaining > 0 else _IDLE_RECHECK_S
             try:
                 async with asyncio.timeout(delay):
                     await self._activity.wait()
@@ -718,7 +723,8 @@ class Service:
             keep_alive > 0
             and time.monotonic() - self._last_activity >= keep_alive
             and self.models.engine is not None
-            and self.models.engine.resident
+            and not self.models.parked
+            and not self.models.parking
             and not self.models.reloading
             and self._transcribing == 0
             and self.queue.in_flight == 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jiwer
 import numpy as np
 import pytest
 from helpers.server import TOKEN, ServerProcess, read_answer, transcribe
@@ -28,6 +29,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TINY = ["--compute-type", "int8"]
 # tiny.en's int8 weights are about 40 MB; what an unload gives back is less than the whole process.
 RSS_DROP_MB = 25
+KEEP_ALIVE_S = 1.0
+MAX_WORD_ERROR_RATE = 0.25
 
 
 @pytest.fixture
@@ -261,3 +264,33 @@ async def test_parking_settings_are_checked(whisper_server: ServerProcess, http:
     _, info = await call(http, whisper_server, "GET", "/api/v1/info")
     assert info["settings"]["keep_alive_s"]["default"] == 0
     assert info["settings"]["park_mode"]["choices"] == ["host_memory", "unload"]
+
+
+async def test_the_idle_timer_never_parks_a_transcription_in_flight(
+    start_server: Callable[..., ServerProcess], http: aiohttp.ClientSession, commands: list[Utterance]
+) -> None:
+    """With an idle time shorter than a long transcription, no park is even asked for while it runs.
+
+    One thread and no live transcripts make the transcription one long job; the idle time starts after it.
+    """
+    one_long_job = ["--cpu-threads", "1", "--beam-size", "10", "--no-endpointing", "--partial-interval-s", "0"]
+    server = start_server(args=[*TINY, "--keep-alive-s", str(KEEP_ALIVE_S), *one_long_job])
+    await wait_for(http, server, parked, timeout=30)
+    # Brought back first, so that the transcription's job starts at once and the idle time runs out during it.
+    status, _ = await call(http, server, "POST", "/api/v1/model/restore", headers=AUTH)
+    assert status == 200
+    long_audio = np.concatenate([np.frombuffer(utterance.pcm()[0], dtype="<i2") for utterance in commands]).tobytes()
+    started = time.monotonic()
+    event = await transcribe(server.wyoming_port, long_audio, language="en")
+    took = time.monotonic() - started
+    assert Transcript.is_type(event.type), event
+    # Every command is there (tiny.en mishears a few words of the less clear ones): nothing was cut off.
+    reference = normalize(" ".join(utterance.text for utterance in commands))
+    assert jiwer.wer(reference, normalize(Transcript.from_event(event).text)) < MAX_WORD_ERROR_RATE
+    assert took > 1.2 * KEEP_ALIVE_S, "the request outlasted the idle time"
+    # Only the park before the request: none asked for while it ran (it would follow right after the job).
+    await asyncio.sleep(KEEP_ALIVE_S / 3)
+    assert resident(await status_of(http, server))
+    assert await metric(http, server, 'whisper_gpu_model_parks_total{trigger="idle"}') == 1
+    await wait_for(http, server, parked, timeout=30)
+    assert await metric(http, server, 'whisper_gpu_model_parks_total{trigger="idle"}') == 2
