@@ -10,7 +10,7 @@ from .const import DOMAIN
 from .coordinator import WhisperGpuCoordinator, model_failed_issue_id
 from .data import WhisperGpuConfigEntry, WhisperGpuData, create_client
 
-PLATFORMS = [Platform.SELECT, Platform.SENSOR, Platform.STT]
+PLATFORMS = [Platform.BUTTON, Platform.SELECT, Platform.SENSOR, Platform.STT]
 
 
 async def async_setup_entry(hass: HomeAssistant, entry: WhisperGpuConfigEntry) -> bool:

@@ -24,6 +24,8 @@ CONNECT_TIMEOUT = 10.0
 DESCRIBE_TIMEOUT = 10.0
 # How long the server may take for the transcript once the audio has ended.
 RESULT_TIMEOUT = 60.0
+# A park waits for the transcriptions in flight and queued to finish first.
+PARK_TIMEOUT = aiohttp.ClientTimeout(total=RESULT_TIMEOUT)
 
 
 class WhisperGpuError(Exception):
@@ -189,6 +191,7 @@ class WhisperGpuClient:
         *,
         json: Mapping[str, Any] | None = None,
         auth: bool = False,
+        time_limit: aiohttp.ClientTimeout = REQUEST_TIMEOUT,
     ) -> tuple[int, Any]:
         """Send one request; return the status and the JSON body (None if none)."""
         headers = {"Authorization": f"Bearer {self._token}"} if auth else {}
@@ -198,7 +201,7 @@ class WhisperGpuClient:
                 self._base_url.with_path(path),
                 json=json,
                 headers=headers,
-                timeout=REQUEST_TIMEOUT,
+                timeout=time_limit,
             ) as response:
                 try:
                     body = await response.json(content_type=None)
@@ -257,6 +260,20 @@ class WhisperGpuClient:
         ):
             raise WhisperGpuSettingsError({"base": code or "unknown"})
         raise WhisperGpuResponseError(f"PATCH /api/v1/settings answered {status}")
+
+    async def async_park(self) -> None:
+        """Ask the server to free its model's memory now; it answers once the model is parked.
+
+        Raises WhisperGpuSettingsError with the server's code ("base") when it refuses (a model is loading).
+        """
+        status, body = await self._request("POST", "/api/v1/model/park", auth=True, time_limit=PARK_TIMEOUT)
+        if status == HTTPStatus.OK:
+            return
+        if status == HTTPStatus.UNAUTHORIZED:
+            raise WhisperGpuAuthError("The server rejected the token")
+        if status == HTTPStatus.CONFLICT and isinstance(body, dict):
+            raise WhisperGpuSettingsError({"base": str(body.get("error") or "unknown")})
+        raise WhisperGpuResponseError(f"POST /api/v1/model/park answered {status}")
 
     async def async_describe(self) -> AsrProgram:
         """Ask the Wyoming port what speech-to-text program it serves."""

@@ -28,13 +28,14 @@ SETTING_MAX_SPEECH_DURATION_S: Final = "max_speech_duration_s"
 SETTING_SPEECH_PAD_MS: Final = "speech_pad_ms"
 SETTING_ENDPOINTING: Final = "endpointing"
 SETTING_END_OF_SPEECH_S: Final = "end_of_speech_s"
+SETTING_KEEP_ALIVE_S: Final = "keep_alive_s"
 
 SECTION_MODEL: Final = "model_settings"
 SECTION_DECODING: Final = "decoding"
 SECTION_VAD: Final = "voice_activity_detection"
 
 OPTION_SECTIONS: Final[dict[str, tuple[str, ...]]] = {
-    SECTION_MODEL: (SETTING_MODEL, SETTING_COMPUTE_TYPE),
+    SECTION_MODEL: (SETTING_MODEL, SETTING_COMPUTE_TYPE, SETTING_KEEP_ALIVE_S),
     SECTION_DECODING: (SETTING_LANGUAGE, SETTING_BEAM_SIZE),
     SECTION_VAD: (
         SETTING_ENDPOINTING,

@@ -21,7 +21,7 @@ from .entity import WhisperGpuEntity
 
 PARALLEL_UPDATES = 0
 
-MODEL_STATES = ["loading", "downloading", "ready", "failed"]
+MODEL_STATES = ["loading", "downloading", "ready", "parked", "failed"]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,7 +12,14 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .service import ReloadInProgressError, Service, SettingsNotSavedError, SettingsRejectedError
+from .service import (
+    ModelNotReadyError,
+    ReloadInProgressError,
+    RestoreFailedError,
+    Service,
+    SettingsNotSavedError,
+    SettingsRejectedError,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -35,6 +42,8 @@ def create_app(service: Service, shutting_down: Callable[[], bool]) -> web.Appli
     app.router.add_get("/api/v1/settings", _get_settings)
     app.router.add_patch("/api/v1/settings", _patch_settings)
     app.router.add_get("/api/v1/status", _status)
+    app.router.add_post("/api/v1/model/park", _park)
+    app.router.add_post("/api/v1/model/restore", _restore)
     app.router.add_get("/api/v1/auth", _auth)
     return app
 
@@ -85,7 +94,7 @@ async def _readyz(request: web.Request) -> web.Response:
         return web.json_response({"status": "not_ready", "reason": "shutting_down"}, status=503)
     if engine is None:
         return web.json_response({"status": "not_ready", "reason": str(service.models.state)}, status=503)
-    return web.json_response({"status": "ready", "model": engine.name})
+    return web.json_response({"status": "ready", "model": engine.name, "state": str(service.models.shown_state)})
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -148,3 +157,31 @@ async def _auth(request: web.Request) -> web.Response:
     if not _authorized(request):
         return _unauthorized()
     return web.Response(status=204)
+
+
+async def _park(request: web.Request) -> web.Response:
+    """Free the model's memory now; answers once the requests in flight have finished and the model is parked."""
+    if not _authorized(request):
+        return _unauthorized()
+    try:
+        status = await request.app[SERVICE_KEY].park_now()
+    except ReloadInProgressError:
+        return web.json_response(
+            {"error": "reload_in_progress", "message": "A model is loading; park it once it serves"}, status=409
+        )
+    except ModelNotReadyError:
+        return web.json_response({"error": "model_not_ready", "message": "No model is loaded"}, status=409)
+    return web.json_response(status)
+
+
+async def _restore(request: web.Request) -> web.Response:
+    """Bring a parked model back now (a no-op when it is resident)."""
+    if not _authorized(request):
+        return _unauthorized()
+    try:
+        status = await request.app[SERVICE_KEY].restore_now()
+    except ModelNotReadyError:
+        return web.json_response({"error": "model_not_ready", "message": "No model is loaded"}, status=409)
+    except RestoreFailedError as err:
+        return web.json_response({"error": "restore_failed", "message": str(err)}, status=500)
+    return web.json_response(status)

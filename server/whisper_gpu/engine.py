@@ -16,6 +16,8 @@ encoder output already computed.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import math
 import time
@@ -52,6 +54,10 @@ _UNSURE_LOGPROB = -0.5
 _UNSURE_WIDENING = 2
 _FULL_FRAMES = round(FULL_WINDOW_S * _FRAMES_PER_SECOND)
 _HALF_PRECISION = ("float16", "bfloat16", "int8_float16", "int8_bfloat16")
+# CTranslate2 skips an unload while its worker threads still hold the model (just after a call returned); it is
+# tried again this often, this long.
+_UNLOAD_RETRY_S = 0.01
+_UNLOAD_PATIENCE_S = 5.0
 
 
 ResultCallback = Callable[[int, "TranscriptResult"], None]
@@ -256,6 +262,37 @@ class WhisperEngine:
         """Transcribe one request; silence gives empty text without running the model."""
         return self._transcribe([(audio, options)], vad=True)[0]
 
+    def park(self, *, keep_in_host_memory: bool) -> None:
+        """Give the device's memory back while keeping what `restore` needs; the caller ensures nothing runs.
+
+        On a GPU the weights can wait in host memory (`keep_in_host_memory`), which makes `restore` a copy; on a CPU,
+        and otherwise, they are unloaded completely and `restore` reads them from disk again.
+        """
+        model = self._require_model().model
+        to_cpu = keep_in_host_memory and self.device.kind != "cpu"
+        deadline = time.monotonic() + _UNLOAD_PATIENCE_S
+        model.unload_model(to_cpu=to_cpu)
+        while model.model_is_loaded:
+            if time.monotonic() > deadline:
+                msg = f"CTranslate2 kept {self.name} loaded: it is still in use"
+                raise RuntimeError(msg)
+            time.sleep(_UNLOAD_RETRY_S)
+            model.unload_model(to_cpu=to_cpu)
+        if not to_cpu:
+            _return_freed_memory()
+        _LOGGER.info("Parked %s (%s)", self.name, "weights in host memory" if to_cpu else "unloaded")
+
+    def restore(self, window_s: float = 10.0) -> None:
+        """Bring parked weights back onto the device (from host memory, or from disk after a full unload).
+
+        One short decode follows: the first call after a load sets up buffers, and it should not be a user's.
+        """
+        self._require_model().model.load_model()
+        options = DecodeOptions("en", 5, 0.0, 0, FULL_WINDOW_S, 0, window_s=window_s)
+        request = _Request(1.0, options, dict.fromkeys(STAGES, 0.0))
+        frames = round(min(window_s, FULL_WINDOW_S) * _FRAMES_PER_SECOND)
+        self._decode([_Piece(request, np.zeros(SAMPLE_RATE, dtype=np.float32), frames)], 5, frames)
+
     def close(self) -> None:
         """Free the model's memory now (GPU memory too) rather than whenever the garbage collector runs."""
         if self._model is None:
@@ -416,3 +453,17 @@ class WhisperEngine:
             msg = f"model {self.name} was unloaded"
             raise RuntimeError(msg)
         return self._model
+
+
+def _return_freed_memory() -> None:
+    """Ask glibc to hand freed heap pages back to the system, so an unloaded model leaves the process's RSS.
+
+    Without it the allocator keeps most of the freed weights for later use; other C libraries have no such call.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    libc = ctypes.CDLL(name)
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)

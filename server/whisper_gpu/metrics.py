@@ -19,6 +19,8 @@ _LOGGER = logging.getLogger(__name__)
 # `*_created` series only add noise to dashboards; this is the client library's documented switch.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
+PARK_TRIGGERS = ("idle", "control")
+RESTORE_TRIGGERS = ("request", "control")
 OUTCOMES = ("ok", "no_speech", "truncated", "invalid", "error", "disconnected", "not_ready", "busy")
 
 
@@ -135,6 +137,33 @@ class Metrics:
             self.model_loads.labels(outcome)
         self.model_info = Info("whisper_gpu_model", "The model that serves requests", registry=registry)
         self.model_ready = Gauge("whisper_gpu_model_ready", "1 when a model is loaded and warm", registry=registry)
+        self.model_resident = Gauge(
+            "whisper_gpu_model_resident",
+            "1 when the model's weights are on the device, 0 while it is parked (KEEP_ALIVE_S, the park action)",
+            registry=registry,
+        )
+        self.model_parks = Counter(
+            "whisper_gpu_model_parks",
+            "Times the model was parked: after keep_alive_s idle (idle) or by the control API (control)",
+            ["trigger"],
+            registry=registry,
+        )
+        self.model_restores = Counter(
+            "whisper_gpu_model_restores",
+            "Times a parked model was brought back: by a request on its way (request) or the control API (control)",
+            ["trigger"],
+            registry=registry,
+        )
+        for trigger in PARK_TRIGGERS:
+            self.model_parks.labels(trigger)
+        for trigger in RESTORE_TRIGGERS:
+            self.model_restores.labels(trigger)
+        self.model_restore_duration = Histogram(
+            "whisper_gpu_model_restore_duration_seconds",
+            "How long bringing a parked model back onto the device took",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
+            registry=registry,
+        )
         registry.register(GpuCollector(device))
 
     def set_queue(self, in_flight: int, queued: int) -> None:
@@ -152,5 +181,6 @@ class Metrics:
         """Record a successful load."""
         self.model_info.info({"model": model, "device": device, "compute_type": compute_type})
         self.model_ready.set(1)
+        self.model_resident.set(1)
         self.model_load_duration.set(seconds)
         self.model_loads.labels("ok").inc()

@@ -6,7 +6,9 @@ Both front doors (the Wyoming handler and the control API) talk to this one obje
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import functools
 import json
 import logging
 import threading
@@ -71,6 +73,7 @@ class ModelState(StrEnum):
     LOADING = "loading"
     DOWNLOADING = "downloading"
     READY = "ready"
+    PARKED = "parked"
     FAILED = "failed"
 
 
@@ -79,7 +82,15 @@ class RequestError(CodedError):
 
 
 class ReloadInProgressError(Exception):
-    """A settings change arrived while a model reload runs."""
+    """A settings change (or a park) arrived while a model reload runs."""
+
+
+class ModelNotReadyError(Exception):
+    """No model is loaded to park or restore."""
+
+
+class RestoreFailedError(Exception):
+    """A parked model could not be brought back onto its device."""
 
 
 class SettingsNotSavedError(Exception):
@@ -198,6 +209,15 @@ class LoadSettings:
 
 
 @dataclass(frozen=True)
+class Restore:
+    """One restore of a parked model, for `/api/v1/status`."""
+
+    seconds: float
+    trigger: str
+    finished_at: datetime
+
+
+@dataclass(frozen=True)
 class FinishedRequest:
     """One request's numbers, for the log, the metrics and `/api/v1/status`."""
 
@@ -229,11 +249,37 @@ class ModelManager:
         self.error: ModelError | None = None
         self._loading: asyncio.Task[bool] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
+        self._residency: asyncio.Task[None] | None = None
+        """The park or restore under way; requests wait for it."""
+        self._parked: WhisperEngine | None = None
+        """The engine whose weights are off its device (set on the event loop, with the metrics and the status)."""
+        self.parked_at: datetime | None = None
+        self.last_restore: Restore | None = None
 
     @property
     def reloading(self) -> bool:
         """A load is under way."""
         return self._loading is not None and not self._loading.done()
+
+    @property
+    def parked(self) -> bool:
+        """The serving model's weights are off its device."""
+        return self.engine is not None and self._parked is self.engine
+
+    @property
+    def restoring(self) -> bool:
+        """A parked model is being brought back."""
+        return self.parked and self._residency is not None and not self._residency.done()
+
+    @property
+    def parking(self) -> bool:
+        """The serving model is being parked (or waits for the work queued before the park)."""
+        return not self.parked and self._residency is not None and not self._residency.done()
+
+    @property
+    def shown_state(self) -> ModelState:
+        """The state for `/api/v1/status`: a serving model whose weights are parked is `parked`."""
+        return ModelState.PARKED if self.state == ModelState.READY and self.parked else self.state
 
     def plan(self, model: str, device_setting: str, compute_setting: str) -> tuple[LoadPlan, str | None]:
         """Resolve device and compute type; raises UnsupportedOnDeviceError."""
@@ -266,13 +312,81 @@ class ModelManager:
         return self._loading
 
     async def acquire(self) -> WhisperEngine:
-        """The serving model; waits while a load runs and nothing serves (first start, low-memory switch)."""
-        while self.engine is None:
-            if self._loading is None or self._loading.done():
-                message = self.error.message if self.error else "no model is loaded"
-                raise RequestError("model_not_ready", f"The speech model is not ready: {message}")
-            await asyncio.shield(self._loading)
-        return self.engine
+        """The serving model, on its device: a parked one is restored first.
+
+        Waits while a load runs and nothing serves (first start, low-memory switch), and while a park or restore
+        runs. The caller queues its job before its next `await`, so a park that starts later is queued behind it.
+        """
+        while True:
+            while self.engine is None:
+                if self._loading is None or self._loading.done():
+                    message = self.error.message if self.error else "no model is loaded"
+                    raise RequestError("model_not_ready", f"The speech model is not ready: {message}")
+                await asyncio.shield(self._loading)
+            if self._residency is not None and not self._residency.done():
+                await asyncio.wait([self._residency])
+                continue
+            if not self.parked:
+                return self.engine
+            try:
+                await self.restore(trigger="request")
+            except RestoreFailedError as err:
+                raise RequestError("model_not_ready", f"The speech model is not ready: {err}") from err
+
+    async def park(self, *, keep_in_host_memory: bool, trigger: str) -> None:
+        """Park the serving model once the work queued for it has finished; requests arriving meanwhile wait.
+
+        Nothing in flight or queued is ever parked: the park runs on the inference thread after all of it.
+        """
+        await self._settle()
+        engine = self.engine
+        if engine is None or self.parked:
+            return
+        self._residency = asyncio.create_task(self._park(engine, keep_in_host_memory, trigger), name="park")
+        await asyncio.shield(self._residency)
+
+    async def restore(self, *, trigger: str) -> None:
+        """Bring a parked model back; callers arriving meanwhile share the one restore. Raises RestoreFailedError."""
+        await self._settle()
+        engine = self.engine
+        if engine is None or not self.parked:
+            return
+        self._residency = asyncio.create_task(self._restore_parked(engine, trigger), name="restore")
+        await asyncio.shield(self._residency)
+
+    async def _settle(self) -> None:
+        """Wait for the park or restore under way, whatever its outcome (its own caller hears of failures)."""
+        while self._residency is not None and not self._residency.done():
+            await asyncio.wait([self._residency])
+
+    async def _park(self, engine: WhisperEngine, keep_in_host_memory: bool, trigger: str) -> None:
+        try:
+            await self._queue.after_pending(functools.partial(engine.park, keep_in_host_memory=keep_in_host_memory))
+        except Exception:
+            _LOGGER.exception("Parking %s failed; it stays loaded", engine.name)
+            return
+        self._parked = engine
+        if engine is self.engine:
+            self.parked_at = datetime.now(UTC)
+            self._metrics.model_resident.set(0)
+        self._metrics.model_parks.labels(trigger).inc()
+
+    async def _restore_parked(self, engine: WhisperEngine, trigger: str) -> None:
+        started = time.monotonic()
+        try:
+            await self._queue.after_pending(engine.restore)
+        except Exception as err:
+            _LOGGER.exception("Restoring %s failed", engine.name)
+            msg = f"bringing {engine.name} back failed: {err}"
+            raise RestoreFailedError(msg) from err
+        seconds = time.monotonic() - started
+        self._parked = None
+        self.last_restore = Restore(seconds, trigger, datetime.now(UTC))
+        self.parked_at = None
+        self._metrics.model_resident.set(1)
+        self._metrics.model_restores.labels(trigger).inc()
+        self._metrics.model_restore_duration.observe(seconds)
+        _LOGGER.info("Restored %s after %.2f s (%s)", engine.name, seconds, trigger)
 
     async def stop_loading(self) -> None:
         """Cancel a load under way, a download included (its child process is stopped)."""
@@ -427,6 +541,7 @@ class ModelManager:
             _LOGGER.error("Could not reload %s either: %s", previous.name, err.message)  # noqa: TRY400 - no traceback
             return
         self._metrics.model_ready.set(1)
+        self._metrics.model_resident.set(1)
         _LOGGER.info("Reloaded %s after the failed switch", previous.name)
 
 
@@ -462,6 +577,11 @@ class Service:
         self.last_request: FinishedRequest | None = None
         self.requests_total = 0
         self.requests_failed = 0
+        self._last_activity = time.monotonic()
+        self._transcribing = 0
+        self._activity = asyncio.Event()
+        self._idle_parker: asyncio.Task[None] | None = None
+        self._early_restores: set[asyncio.Task[None]] = set()
 
     async def start(self) -> asyncio.Task[bool]:
         """Start the inference queue and the first model load (raises UnsupportedOnDeviceError at once)."""
@@ -474,10 +594,14 @@ class Service:
         except OSError as err:
             _LOGGER.warning("Cannot write to %s: %s", self.data_dir, err.strerror or err)
         self.queue.start()
+        self._idle_parker = asyncio.create_task(self._park_when_idle(), name="park when idle")
         return self.models.start_load(plan)
 
     async def close(self) -> None:
         """Stop a load or download, let the inference thread finish its job, then free the model."""
+        for task in (self._idle_parker, *self._early_restores):
+            if task is not None:
+                task.cancel()
         await self.models.stop_loading()
         await self.queue.close()
         await self.models.close()
@@ -514,9 +638,91 @@ class Service:
         if not background and self.queue.queued_finals >= self.settings["max_queue"]:
             self.metrics.busy.inc()
             raise RequestError("server_busy", f"{self.queue.queued} requests are waiting already; try again shortly")
-        engine = await self.models.acquire()
-        options = DecodeOptions.from_settings(self.settings.values, decode_language)
-        return await self.queue.transcribe(engine, audio, options, urgency), engine.name
+        self._transcribing += 1
+        self._touch()
+        try:
+            engine = await self.models.acquire()
+            options = DecodeOptions.from_settings(self.settings.values, decode_language)
+            return await self.queue.transcribe(engine, audio, options, urgency), engine.name
+        finally:
+            self._transcribing -= 1
+            self._touch()
+
+    def request_coming(self) -> None:
+        """A client began a request (`transcribe`, `audio-start`): bring a parked model back while the audio arrives.
+
+        The idle timer restarts too. The transcription, once its audio is complete, waits for what is left.
+        """
+        self._touch()
+        if self.models.restoring or not (self.models.parked or self.models.parking):
+            return
+        task = asyncio.create_task(self._restore_early(), name="restore on request")
+        self._early_restores.add(task)
+        task.add_done_callback(self._early_restores.discard)
+
+    async def _restore_early(self) -> None:
+        # A failure is logged; the request's transcription tries again and reports it to its client.
+        with contextlib.suppress(RestoreFailedError):
+            await self.models.restore(trigger="request")
+
+    async def park_now(self) -> dict[str, Any]:
+        """The control API's park: once the requests in flight and queued have finished, park the model.
+
+        Raises ReloadInProgressError while a load or switch runs, ModelNotReadyError when nothing is loaded.
+        """
+        if self.models.reloading:
+            raise ReloadInProgressError
+        if self.models.engine is None:
+            raise ModelNotReadyError
+        await self.models.park(keep_in_host_memory=self._keep_in_host_memory(), trigger="control")
+        _LOGGER.info("Model parked through the control API")
+        return self.status()
+
+    async def restore_now(self) -> dict[str, Any]:
+        """The control API's restore; the idle timer starts again. Raises ModelNotReadyError, RestoreFailedError."""
+        if self.models.engine is None:
+            raise ModelNotReadyError
+        self._touch()
+        await self.models.restore(trigger="control")
+        return self.status()
+
+    def _keep_in_host_memory(self) -> bool:
+        return bool(self.settings["park_mode"] == "host_memory")
+
+    def _touch(self) -> None:
+        """Restart the idle timer."""
+        self._last_activity = time.monotonic()
+        self._activity.set()
+
+    async def _park_when_idle(self) -> None:
+        """Park the model KEEP_ALIVE_S after the last request; any activity or settings change restarts the clock."""
+        while True:
+            self._activity.clear()
+            keep_alive = float(self.settings["keep_alive_s"])
+            delay = None
+            if keep_alive > 0:
+                remaining = self._last_activity + keep_alive - time.monotonic()
+                # Once due but not possible (busy, loading, parked already), look again a little later.
+                delay = remaining if remaining > 0 else _IDLE_RECHECK_S
+            try:
+                async with asyncio.timeout(delay):
+                    await self._activity.wait()
+            except TimeoutError:
+                if self._idle_for_park(keep_alive):
+                    await self.models.park(keep_in_host_memory=self._keep_in_host_memory(), trigger="idle")
+
+    def _idle_for_park(self, keep_alive: float) -> bool:
+        return (
+            keep_alive > 0
+            and time.monotonic() - self._last_activity >= keep_alive
+            and self.models.engine is not None
+            and not self.models.parked
+            and not self.models.parking
+            and not self.models.reloading
+            and self._transcribing == 0
+            and self.queue.in_flight == 0
+            and self.queue.queued == 0
+        )
 
     def promote(self, urgency: Urgency) -> None:
         """Make background work somebody's final answer: still waiting, it counts against MAX_QUEUE like a new one."""
@@ -614,6 +820,7 @@ class Service:
                 except OSError as err:
                     raise SettingsNotSavedError(err) from err
                 _LOGGER.info("Settings changed through the control API: %s", ", ".join(changed) or "nothing")
+                self._touch()  # a new KEEP_ALIVE_S counts from now
                 return {"settings": self.settings.values, "changed": changed, "reload": False}
             try:
                 await asyncio.to_thread(self.journal.begin, plan)
@@ -692,7 +899,7 @@ class Service:
         error = self.models.error
         last = self.last_request
         return {
-            "state": str(self.models.state),
+            "state": str(self.models.shown_state),
             "model": (
                 {
                     "name": engine.name,
@@ -703,6 +910,7 @@ class Service:
                 if engine
                 else None
             ),
+            "parking": self._parking_status(),
             "target": self.models.target.describe() if self.models.target else None,
             "download": self.models.download,
             "error": {"code": str(error.code), "message": error.message} if error else None,
@@ -721,6 +929,24 @@ class Service:
                     "finished_at": last.finished_at.isoformat(timespec="seconds"),
                 }
                 if last
+                else None
+            ),
+        }
+
+    def _parking_status(self) -> dict[str, Any]:
+        models = self.models
+        restore = models.last_restore
+        return {
+            "resident": models.engine is not None and not models.parked,
+            "restoring": models.restoring,
+            "parked_at": models.parked_at.isoformat(timespec="seconds") if models.parked and models.parked_at else None,
+            "last_restore": (
+                {
+                    "seconds": round(restore.seconds, 3),
+                    "trigger": restore.trigger,
+                    "finished_at": restore.finished_at.isoformat(timespec="seconds"),
+                }
+                if restore
                 else None
             ),
         }
@@ -792,6 +1018,7 @@ class Service:
 
 
 _LANGUAGES_LISTED = 5
+_IDLE_RECHECK_S = 1.0
 
 
 def accepted_compute_types(supported: Iterable[str]) -> list[str]:

@@ -35,6 +35,7 @@ COMPUTE_TYPES = (
 )
 ZEROCONF_MODES = ("whisper-gpu", "wyoming", "off")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+PARK_MODES = ("host_memory", "unload")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # GNU gettext's LANGUAGE (e.g. "en_US:en", "de_DE.UTF-8", "C") is set by desktop sessions; it is no Whisper code.
 _LOCALE_LIST_PATTERN = re.compile(r"^(C|POSIX|[a-z]{2,3}([_@.][\w.@-]+)?(:[\w.@-]+)*)$", re.IGNORECASE)
@@ -387,6 +388,25 @@ SETTINGS: Mapping[str, SettingSpec] = _spec_table(
         default=False,
         description="When old and new model do not fit together, unload the old one first "
         "and hold requests while the new one loads",
+        runtime=True,
+    ),
+    SettingSpec(
+        name="keep_alive_s",
+        kind=float,
+        default=0.0,
+        minimum=0.0,
+        maximum=86_400.0,
+        description="Seconds the model stays resident after the last request before it is parked to free its "
+        "memory (for other GPU users); the next request brings it back while its audio arrives; 0 keeps it resident",
+        runtime=True,
+    ),
+    SettingSpec(
+        name="park_mode",
+        kind=str,
+        default="host_memory",
+        choices=PARK_MODES,
+        description="How the model is parked: host_memory moves a GPU model's weights to RAM (quick to bring "
+        "back), unload frees RAM too and reads the model from disk again; a CPU model is always unloaded",
         runtime=True,
     ),
     SettingSpec(

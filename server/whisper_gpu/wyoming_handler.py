@@ -78,6 +78,9 @@ class TranscriptionService(Protocol):
     def protocol_error(self, code: str) -> None:
         """Count bad input."""
 
+    def request_coming(self) -> None:
+        """A request has begun: get the model ready while its audio arrives (returns at once)."""
+
 
 async def read_event(reader: asyncio.StreamReader, read_timeout_s: float | None = None) -> Event | None:
     """Read one event; None at a clean or mid-event end of stream; ProtocolError for malformed input."""
@@ -272,8 +275,10 @@ class WyomingHandler:
         elif Ping.is_type(event.type):
             await self._write(Pong(text=Ping.from_event(event).text).event())
         elif Transcribe.is_type(event.type):
+            self._service.request_coming()
             await self._on_transcribe(event)
         elif AudioStart.is_type(event.type):
+            self._service.request_coming()
             await self._on_audio_start(event)
         elif AudioChunk.is_type(event.type):
             await self._on_audio_chunk(event)

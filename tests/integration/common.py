@@ -35,7 +35,7 @@ UTTERANCE = "turn on the kitchen light"
 STARTUP_TIMEOUT = 180.0
 # The options form as a user sees it: each section's fields, in order.
 OPTIONS_FORM: dict[str, tuple[str, ...]] = {
-    "model_settings": ("model", "compute_type"),
+    "model_settings": ("model", "compute_type", "keep_alive_s"),
     "decoding": ("language", "beam_size"),
     "voice_activity_detection": (
         "endpointing",

@@ -138,7 +138,7 @@ async def test_sensors(
     await setup_integration(hass, mock_config_entry)
     state = hass.states.get("sensor.whisper_gpu_model_state")
     assert state.state == "ready"
-    assert state.attributes["options"] == ["loading", "downloading", "ready", "failed"]
+    assert state.attributes["options"] == ["loading", "downloading", "ready", "parked", "failed"]
 
     entity = stt.async_get_speech_to_text_entity(hass, STT_ENTITY_ID)
     assert entity is not None

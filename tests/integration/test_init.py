@@ -20,6 +20,7 @@ from .common import StubControlServer, WhisperGpuServer, mirror, poll, setup_int
 
 ENTITIES = (
     "stt.whisper_gpu_speech_to_text",
+    "button.whisper_gpu_free_gpu_memory",
     "select.whisper_gpu_model",
     "sensor.whisper_gpu_model_state",
     "sensor.whisper_gpu_loaded_model",

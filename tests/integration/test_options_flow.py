@@ -49,8 +49,17 @@ async def test_options_form_is_built_from_the_server(
     assert isinstance(fields["endpointing"][1], BooleanSelector)
     end_selector = fields["end_of_speech_s"][1]
     assert (end_selector.config["min"], end_selector.config["max"]) == (0.2, 5.0)
+    keep_alive_selector = fields["keep_alive_s"][1]
+    assert (keep_alive_selector.config["min"], keep_alive_selector.config["unit_of_measurement"]) == (0, "s")
 
-    changes = {"beam_size": 3, "vad_threshold": 0.4, "speech_pad_ms": 300, "endpointing": False, "end_of_speech_s": 0.8}
+    changes = {
+        "beam_size": 3,
+        "vad_threshold": 0.4,
+        "speech_pad_ms": 300,
+        "endpointing": False,
+        "end_of_speech_s": 0.8,
+        "keep_alive_s": 600.0,
+    }
     result = await hass.config_entries.options.async_configure(result["flow_id"], form_input(settings, **changes))
     await hass.async_block_till_done()
 

@@ -86,7 +86,7 @@ async def test_health_and_readiness_before_and_after_the_model_loads(
     assert (status, body["status"], body["reason"]) == (503, "not_ready", "loading")
     await wait_for_state(http, server, serving("base", "float32"))
     status, body = await get(http, server, "/readyz")
-    assert (status, body) == (200, {"status": "ready", "model": "base"})
+    assert (status, body) == (200, {"status": "ready", "model": "base", "state": "ready"})
 
 
 async def test_metrics_count_transcriptions(
