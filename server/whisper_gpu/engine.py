@@ -50,6 +50,11 @@ _PIECES_PER_CALL = 16  # bounds the memory of one encoder call
 _UNSURE_LOGPROB = -0.4
 _FULL_FRAMES = round(FULL_WINDOW_S * _FRAMES_PER_SECOND)
 _HALF_PRECISION = ("float16", "bfloat16", "int8_float16", "int8_bfloat16")
+# Tokens of names given to the decoder as the text before the speech (Whisper allows up to 223). The prompt is read
+# once per decode, so its cost is small, but it grows with length: this budget kept base on a CPU within a few
+# percent of its time without names (bench/run --names).
+NAME_PROMPT_TOKENS = 64
+_NAME_PROMPTS_KEPT = 64  # lists of names whose prompt is kept (one per home, as a rule)
 
 
 ResultCallback = Callable[[int, "TranscriptResult"], None]
@@ -81,10 +86,14 @@ class DecodeOptions:
     max_speech_duration_s: float
     speech_pad_ms: int
     window_s: float = FULL_WINDOW_S
+    names: tuple[str, ...] = ()
+    """Names the speaker may say, most likely first: the start of the list becomes Whisper's prompt."""
 
     @classmethod
-    def from_settings(cls, settings: Mapping[str, Any], language: str | None) -> DecodeOptions:
-        """Beam size, VAD values and the encoder window from the settings, with the language for this request."""
+    def from_settings(
+        cls, settings: Mapping[str, Any], language: str | None, names: tuple[str, ...] = ()
+    ) -> DecodeOptions:
+        """Beam size, VAD values and the encoder window from the settings; the language and names of the request."""
         return cls(
             language=language,
             beam_size=settings["beam_size"],
@@ -93,6 +102,7 @@ class DecodeOptions:
             max_speech_duration_s=settings["max_speech_duration_s"],
             speech_pad_ms=settings["speech_pad_ms"],
             window_s=settings["encoder_window_s"],
+            names=names,
         )
 
 
@@ -117,6 +127,8 @@ class _Request:
     stages: dict[str, float]
     pieces: list[_Piece] = field(default_factory=list)
     language: str | None = None
+    prompt: list[int] = field(default_factory=list)
+    """Tokens of the names that go before the speech (without the start-of-previous token)."""
 
     def result(self) -> TranscriptResult:
         return TranscriptResult(
@@ -182,6 +194,32 @@ def looks_looped(tokens: Sequence[int], text: str, token_cap: int) -> bool:
     return False
 
 
+def select_names(names: Sequence[str], encode: Callable[[str], list[int]], budget: int) -> list[int]:
+    """The names as prompt tokens (", "-separated), as many as fit the budget.
+
+    Names with a word the tokenizer does not know as one token (Grünewald, Kaia) go first, in the order given:
+    Whisper spells common words (Kitchen Light) right without help. A name that does not fit is skipped, so one
+    long name does not keep the shorter ones after it out; a name already taken (case aside) is not repeated.
+    """
+    separator = encode(",")
+
+    def unusual(name: str) -> bool:
+        words = name.lower().replace("'s", "").split()
+        return any(len(encode(" " + word)) > 1 for word in words)
+
+    ranked = sorted(names, key=lambda name: not unusual(name))  # stable: the given order within each group
+    selected: list[int] = []
+    seen: set[str] = set()
+    for name in ranked:
+        key = name.casefold()
+        piece = [*(separator if selected else ()), *encode(" " + name)]
+        if key in seen or len(selected) + len(piece) > budget:
+            continue
+        seen.add(key)
+        selected += piece
+    return selected
+
+
 def resolve_device(setting: str) -> Device:
     """Turn `auto`, `cpu`, `cuda` or `cuda:N` into a device this machine has."""
     gpus = ctranslate2.get_cuda_device_count()
@@ -234,6 +272,7 @@ class WhisperEngine:
         self.languages: list[str] = sorted(_LANGUAGE_CODES) if self.multilingual else ["en"]
         self._tokenizers: dict[str, Tokenizer] = {}
         self._suppressed = list(get_suppressed_tokens(self._tokenizer("en"), (-1,)) or ())
+        self._name_prompts: dict[tuple[str, ...], list[int]] = {}
         self.load_seconds = time.monotonic() - started
 
     def warm_up(self, window_s: float = 10.0) -> None:
@@ -304,6 +343,7 @@ class WhisperEngine:
         window_s = min(options.window_s, FULL_WINDOW_S)
         request = _Request(len(audio) / SAMPLE_RATE, options, dict.fromkeys(STAGES, 0.0))
         request.language = options.language if self.multilingual else "en"
+        request.prompt = self._name_prompt(options.names)
         speech = speech_pieces(audio, options, window_s) if vad else [audio[: int(window_s * SAMPLE_RATE)]]
         frames = round(window_s * _FRAMES_PER_SECOND)
         request.pieces = [_Piece(request, piece, frames) for piece in speech]
@@ -355,7 +395,8 @@ class WhisperEngine:
         prompts = []
         for piece in pieces:
             tokenizer = self._tokenizer(piece.request.language or "en")
-            prompts.append([*tokenizer.sot_sequence, tokenizer.no_timestamps])
+            previous = [tokenizer.sot_prev, *piece.request.prompt] if piece.request.prompt else []
+            prompts.append([*previous, *tokenizer.sot_sequence, tokenizer.no_timestamps])
         caps = [min(piece.token_cap, _MAX_TOKENS - len(prompt)) for piece, prompt in zip(pieces, prompts, strict=True)]
         results = model.model.generate(
             encoded,
@@ -405,10 +446,21 @@ class WhisperEngine:
             beam_size=request.options.beam_size,
             condition_on_previous_text=False,
             without_timestamps=True,
+            initial_prompt=request.prompt or None,
         )
         piece.text = " ".join(segment.text.strip() for segment in segments).strip()
         piece.redone = True
         request.stages["fallback"] += time.perf_counter() - started
+
+    def _name_prompt(self, names: tuple[str, ...]) -> list[int]:
+        """The prompt tokens of a list of names; a client sends the same list with every request, so it is kept."""
+        if not names:
+            return []
+        if names not in self._name_prompts:
+            if len(self._name_prompts) >= _NAME_PROMPTS_KEPT:
+                self._name_prompts.clear()
+            self._name_prompts[names] = select_names(names, self._tokenizer("en").encode, NAME_PROMPT_TOKENS)
+        return self._name_prompts[names]
 
     def _tokenizer(self, language: str) -> Tokenizer:
         if language not in self._tokenizers:

@@ -509,11 +509,17 @@ class Service:
         return chosen
 
     async def transcribe(
-        self, audio: np.ndarray, language: str | None, *, urgency: Urgency | None = None
+        self,
+        audio: np.ndarray,
+        language: str | None,
+        *,
+        urgency: Urgency | None = None,
+        names: tuple[str, ...] = (),
     ) -> tuple[TranscriptResult, str]:
         """Transcribe 16 kHz mono audio with the current settings; returns the result and the model's name.
 
-        Background work (partial and speculative transcripts) waits for every final transcript queued.
+        Background work (partial and speculative transcripts) waits for every final transcript queued. The names
+        (of the client's home) bias the model toward their spelling unless `names_prompt` is off.
         """
         decode_language = self.check_language(language)
         background = urgency is not None and urgency.background
@@ -522,7 +528,9 @@ class Service:
             self.metrics.busy.inc()
             raise RequestError("server_busy", f"{self.queue.queued} requests are waiting already; try again shortly")
         engine = await self.models.acquire()
-        options = DecodeOptions.from_settings(self.settings.values, decode_language)
+        options = DecodeOptions.from_settings(
+            self.settings.values, decode_language, names if self.settings["names_prompt"] else ()
+        )
         return await self.queue.transcribe(engine, audio, options, urgency), engine.name
 
     def promote(self, urgency: Urgency) -> None:
