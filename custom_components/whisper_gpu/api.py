@@ -268,8 +268,12 @@ class WhisperGpuClient:
             raise WhisperGpuConnectionError(f"Wyoming describe failed: {_describe_error(err)}") from err
         raise WhisperGpuConnectionError("The Wyoming connection closed")
 
-    async def async_transcribe(self, audio: AsyncIterable[bytes], language: str | None) -> str:
+    async def async_transcribe(
+        self, audio: AsyncIterable[bytes], language: str | None, names: list[str] | None = None
+    ) -> str:
         """Stream 16 kHz 16-bit mono audio to the server; return its transcript.
+
+        `names` (of the home) go in the request's `transcript_names`, for the server to spell them right.
 
         The upload and the read run at the same time, so an error that the server
         sends before the audio ends (an unsupported language, no model) stops the
@@ -280,7 +284,7 @@ class WhisperGpuClient:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 await client.connect()
             try:
-                return await _async_stream_and_receive(client, audio, language)
+                return await _async_stream_and_receive(client, audio, language, names)
             finally:
                 await client.disconnect()
         except (OSError, EOFError, TimeoutError) as err:
@@ -288,9 +292,11 @@ class WhisperGpuClient:
             raise WhisperGpuConnectionError(f"Transcription failed: {_describe_error(err)}") from err
 
 
-async def _async_stream_and_receive(client: AsyncTcpClient, audio: AsyncIterable[bytes], language: str | None) -> str:
+async def _async_stream_and_receive(
+    client: AsyncTcpClient, audio: AsyncIterable[bytes], language: str | None, names: list[str] | None
+) -> str:
     """Send the request and its audio while reading the answer; return the transcript."""
-    await client.write_event(Transcribe(language=language).event())
+    await client.write_event(Transcribe(language=language, transcript_names=names or None).event())
     await client.write_event(AudioStart(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=SAMPLE_CHANNELS).event())
     upload = asyncio.create_task(_async_upload(client, audio))
     receive = asyncio.create_task(_async_receive_transcript(client))

@@ -47,6 +47,8 @@ from .const import (
     DOMAIN,
     ENTRY_MINOR_VERSION,
     ENTRY_VERSION,
+    LOCAL_DEFAULTS,
+    LOCAL_OPTIONS,
     OPTION_SECTIONS,
     OPTION_SETTINGS,
     SECTION_VAD,
@@ -250,10 +252,11 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
 
 
 class WhisperGpuOptionsFlow(OptionsFlow):
-    """The server's settings, read from it and sent back to it.
+    """The server's settings, read from it and sent back to it, and the integration's own options.
 
     The entry's options mirror the server; the form sends only what the user
     changed, so a setting the operator changed on the server stays as it is.
+    The integration's own options (sending the names of the home) stay here.
     """
 
     def __init__(self) -> None:
@@ -272,10 +275,16 @@ class WhisperGpuOptionsFlow(OptionsFlow):
                 return self.async_abort(reason="cannot_connect")
 
         errors: dict[str, str] = {}
-        suggested = self._settings
+        local = {name: self.config_entry.options.get(name, default) for name, default in LOCAL_DEFAULTS.items()}
+        suggested = {**self._settings, **local}
         if user_input is not None:
             suggested = _flatten(user_input)
-            changes = {name: value for name, value in suggested.items() if self._settings.get(name) != value}
+            local = {name: value for name, value in suggested.items() if name in LOCAL_DEFAULTS}
+            changes = {
+                name: value
+                for name, value in suggested.items()
+                if name in OPTION_SETTINGS and self._settings.get(name) != value
+            }
             try:
                 if changes:
                     self._settings = await client.async_update_settings(changes)
@@ -290,7 +299,7 @@ class WhisperGpuOptionsFlow(OptionsFlow):
                 entry: WhisperGpuConfigEntry = self.config_entry
                 if entry.state is ConfigEntryState.LOADED:
                     await entry.runtime_data.coordinator.async_request_refresh()
-                return self.async_create_entry(data=_options(self._settings))
+                return self.async_create_entry(data={**local, **_options(self._settings)})
 
         return self.async_show_form(
             step_id="init",
@@ -315,7 +324,7 @@ def _sectioned(settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Return flat settings grouped as the form's sections."""
     return {
         section_key: {name: settings[name] for name in names if name in settings}
-        for section_key, names in OPTION_SECTIONS.items()
+        for section_key, names in (OPTION_SECTIONS | LOCAL_OPTIONS).items()
     }
 
 
@@ -341,6 +350,9 @@ def _options_schema(info: ServerInfo, settings: Mapping[str, Any]) -> probatio.S
             sections[probatio.Required(section_key)] = section(
                 probatio.Schema(fields), {"collapsed": section_key == SECTION_VAD}
             )
+    for section_key, names in LOCAL_OPTIONS.items():
+        fields = {probatio.Required(name): BooleanSelector() for name in names}
+        sections[probatio.Required(section_key)] = section(probatio.Schema(fields), {"collapsed": False})
     return probatio.Schema(sections)
 
 

@@ -16,7 +16,7 @@ from .api import (
     WhisperGpuClient,
     WhisperGpuError,
 )
-from .const import DOMAIN, LOGGER, OPTION_SETTINGS, SCAN_INTERVAL
+from .const import DOMAIN, LOCAL_DEFAULTS, LOGGER, OPTION_SETTINGS, SCAN_INTERVAL
 from .data import WhisperGpuConfigEntry
 
 STATE_FAILED = "failed"
@@ -102,8 +102,9 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
 
     @callback
     def _async_sync_options(self, settings: dict[str, Any]) -> None:
-        """Mirror the server's settings in entry.options (no reload follows)."""
-        options = {name: settings[name] for name in OPTION_SETTINGS if name in settings}
+        """Mirror the server's settings in entry.options beside the integration's own (no reload follows)."""
+        local = {name: value for name, value in self.config_entry.options.items() if name in LOCAL_DEFAULTS}
+        options = local | {name: settings[name] for name in OPTION_SETTINGS if name in settings}
         if options != dict(self.config_entry.options):
             LOGGER.debug("Settings from the server: %s", options)
             self.hass.config_entries.async_update_entry(self.config_entry, options=options)

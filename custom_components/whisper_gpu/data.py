@@ -12,6 +12,7 @@ from wyoming.info import AsrProgram
 
 from .api import WhisperGpuClient
 from .const import CONF_CONTROL_PORT, CONF_WYOMING_PORT
+from .names import AssistNames
 
 if TYPE_CHECKING:
     from .coordinator import WhisperGpuCoordinator
@@ -19,11 +20,12 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True, kw_only=True)
 class WhisperGpuData:
-    """What a loaded entry keeps: the client, the coordinator, the Wyoming program."""
+    """What a loaded entry keeps: the client, the coordinator, the Wyoming program, the names of the home."""
 
     client: WhisperGpuClient
     coordinator: WhisperGpuCoordinator
     asr: AsrProgram
+    names: AssistNames
 
 
 type WhisperGpuConfigEntry = ConfigEntry[WhisperGpuData]

@@ -10,7 +10,7 @@ from homeassistant.helpers.entity import EntityDescription
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
 from .api import WhisperGpuError
-from .const import LOGGER
+from .const import CONF_SEND_NAMES, DEFAULT_SEND_NAMES, LOGGER
 from .coordinator import WhisperGpuCoordinator
 from .data import WhisperGpuConfigEntry
 from .entity import WhisperGpuEntity
@@ -95,9 +95,11 @@ class WhisperGpuSpeechToText(WhisperGpuEntity, stt.SpeechToTextEntity):
     async def async_process_audio_stream(
         self, metadata: stt.SpeechMetadata, stream: AsyncIterable[bytes]
     ) -> stt.SpeechResult:
-        """Stream the audio to the server while it arrives; return the text."""
+        """Stream the audio to the server while it arrives, with the names of the home; return the text."""
+        entry = self.coordinator.config_entry
+        names = entry.runtime_data.names.names if entry.options.get(CONF_SEND_NAMES, DEFAULT_SEND_NAMES) else None
         try:
-            text = await self.coordinator.client.async_transcribe(stream, metadata.language)
+            text = await self.coordinator.client.async_transcribe(stream, metadata.language, names)
         except WhisperGpuError as err:
             LOGGER.warning("Speech-to-text on %s failed: %s", self.entity_id, err)
             return stt.SpeechResult(None, stt.SpeechResultState.ERROR)
