@@ -31,6 +31,8 @@ from faster_whisper.tokenizer import _LANGUAGE_CODES, Tokenizer
 from faster_whisper.transcribe import get_compression_ratio, get_ctranslate2_storage, get_suppressed_tokens
 from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
 
+from .names import NameSpeller
+
 _LOGGER = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
@@ -54,7 +56,7 @@ _HALF_PRECISION = ("float16", "bfloat16", "int8_float16", "int8_bfloat16")
 # once per decode, so its cost is small, but it grows with length: this budget kept base on a CPU within a few
 # percent of its time without names (bench/run --names).
 NAME_PROMPT_TOKENS = 64
-_NAME_PROMPTS_KEPT = 64  # lists of names whose prompt is kept (one per home, as a rule)
+_NAME_PLANS_KEPT = 64  # lists of names whose prompt and speller are kept (one per home, as a rule)
 
 
 ResultCallback = Callable[[int, "TranscriptResult"], None]
@@ -129,10 +131,12 @@ class _Request:
     language: str | None = None
     prompt: list[int] = field(default_factory=list)
     """Tokens of the names that go before the speech (without the start-of-previous token)."""
+    speller: NameSpeller | None = None
 
     def result(self) -> TranscriptResult:
+        text = " ".join(piece.text for piece in self.pieces if piece.text).strip()
         return TranscriptResult(
-            text=" ".join(piece.text for piece in self.pieces if piece.text).strip(),
+            text=self.speller.spell(text) if self.speller else text,
             language=self.language or self.options.language or "en",
             audio_seconds=self.audio_seconds,
             speech_seconds=sum(len(piece.audio) for piece in self.pieces) / SAMPLE_RATE,
@@ -205,12 +209,7 @@ def select_names(names: Sequence[str], encode: Callable[[str], list[int]], budge
     long name does not keep the shorter ones after it out; a name already taken (case aside) is not repeated.
     """
     separator, stop = encode(","), encode(".")
-
-    def unusual(name: str) -> bool:
-        words = name.lower().replace("'s", "").split()
-        return any(len(encode(" " + word)) > 1 for word in words)
-
-    ranked = sorted(names, key=lambda name: not unusual(name))  # stable: the given order within each group
+    ranked = sorted(names, key=lambda name: not is_unusual(name, encode))  # stable: the given order in each group
     selected: list[int] = []
     seen: set[str] = set()
     for name in ranked:
@@ -221,6 +220,11 @@ def select_names(names: Sequence[str], encode: Callable[[str], list[int]], budge
         seen.add(key)
         selected += piece
     return [*selected, *stop] if selected else []
+
+
+def is_unusual(name: str, encode: Callable[[str], list[int]]) -> bool:
+    """Whether a name has a word the tokenizer does not know as one token (a word Whisper may not spell right)."""
+    return any(len(encode(" " + word)) > 1 for word in name.lower().replace("'s", "").split())
 
 
 def resolve_device(setting: str) -> Device:
@@ -275,7 +279,7 @@ class WhisperEngine:
         self.languages: list[str] = sorted(_LANGUAGE_CODES) if self.multilingual else ["en"]
         self._tokenizers: dict[str, Tokenizer] = {}
         self._suppressed = list(get_suppressed_tokens(self._tokenizer("en"), (-1,)) or ())
-        self._name_prompts: dict[tuple[str, ...], list[int]] = {}
+        self._name_plans: dict[tuple[str, ...], tuple[list[int], NameSpeller]] = {}
         self.load_seconds = time.monotonic() - started
 
     def warm_up(self, window_s: float = 10.0) -> None:
@@ -350,7 +354,8 @@ class WhisperEngine:
         window_s = min(options.window_s, FULL_WINDOW_S)
         request = _Request(len(audio) / SAMPLE_RATE, options, dict.fromkeys(STAGES, 0.0))
         request.language = options.language if self.multilingual else "en"
-        request.prompt = self._name_prompt(options.names)
+        if options.names:
+            request.prompt, request.speller = self._name_plan(options.names)
         speech = speech_pieces(audio, options, window_s) if vad else [audio[: int(window_s * SAMPLE_RATE)]]
         frames = round(window_s * _FRAMES_PER_SECOND)
         request.pieces = [_Piece(request, piece, frames) for piece in speech]
@@ -459,15 +464,18 @@ class WhisperEngine:
         piece.redone = True
         request.stages["fallback"] += time.perf_counter() - started
 
-    def _name_prompt(self, names: tuple[str, ...]) -> list[int]:
-        """The prompt tokens of a list of names; a client sends the same list with every request, so it is kept."""
-        if not names:
-            return []
-        if names not in self._name_prompts:
-            if len(self._name_prompts) >= _NAME_PROMPTS_KEPT:
-                self._name_prompts.clear()
-            self._name_prompts[names] = select_names(names, self._tokenizer("en").encode, NAME_PROMPT_TOKENS)
-        return self._name_prompts[names]
+    def _name_plan(self, names: tuple[str, ...]) -> tuple[list[int], NameSpeller]:
+        """The prompt tokens of a list of names, and the speller of its unusual names.
+
+        A client sends the same list with every request, so both are kept.
+        """
+        if names not in self._name_plans:
+            if len(self._name_plans) >= _NAME_PLANS_KEPT:
+                self._name_plans.clear()
+            encode = self._tokenizer("en").encode
+            speller = NameSpeller(name for name in names if is_unusual(name, encode))
+            self._name_plans[names] = select_names(names, encode, NAME_PROMPT_TOKENS), speller
+        return self._name_plans[names]
 
     def _tokenizer(self, language: str) -> Tokenizer:
         if language not in self._tokenizers:

@@ -519,7 +519,7 @@ class Service:
         """Transcribe 16 kHz mono audio with the current settings; returns the result and the model's name.
 
         Background work (partial and speculative transcripts) waits for every final transcript queued. The names
-        (of the client's home) bias the model toward their spelling unless `names_prompt` is off.
+        (of the client's home) bias the model toward their spelling unless `use_names` is off.
         """
         decode_language = self.check_language(language)
         background = urgency is not None and urgency.background
@@ -529,7 +529,7 @@ class Service:
             raise RequestError("server_busy", f"{self.queue.queued} requests are waiting already; try again shortly")
         engine = await self.models.acquire()
         options = DecodeOptions.from_settings(
-            self.settings.values, decode_language, names if self.settings["names_prompt"] else ()
+            self.settings.values, decode_language, names if self.settings["use_names"] else ()
         )
         return await self.queue.transcribe(engine, audio, options, urgency), engine.name
 

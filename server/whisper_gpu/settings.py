@@ -348,7 +348,7 @@ SETTINGS: Mapping[str, SettingSpec] = _spec_table(
         runtime=True,
     ),
     SettingSpec(
-        name="names_prompt",
+        name="use_names",
         kind=bool,
         default=True,
         description="Give Whisper the names a client sends with a request (Home Assistant: the entities, areas "

@@ -55,11 +55,11 @@ async def test_a_name_of_the_home_is_spelled_as_the_home_spells_it(
         assert name not in await text_of(whisper_server, pcm, None)
 
 
-async def test_names_prompt_off_restores_the_old_behaviour(
+async def test_use_names_off_restores_the_old_behaviour(
     start_server: Callable[..., ServerProcess], whisper_server: ServerProcess, speech_dir: Path
 ) -> None:
-    """NAMES_PROMPT=false: names sent or not, the text is what the server gives without names."""
-    server = start_server(args=["--compute-type", "int8", "--no-names-prompt"])
+    """USE_NAMES=false: names sent or not, the text is what the server gives without names."""
+    server = start_server(args=["--compute-type", "int8", "--no-use-names"])
     pcm = speech(KAIA, speech_dir)
     without = await text_of(whisper_server, pcm, None)
     assert await text_of(server, pcm, HOME) == await text_of(server, pcm, None) == without
