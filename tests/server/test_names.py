@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers.server import ServerProcess, read_answer, transcribe
-from helpers.speech import Utterance, synthesize
-from whisper_gpu.engine import DecodeOptions, Device, WhisperEngine, select_names
+from helpers.speech import COMMANDS, Utterance, synthesize
+from whisper_gpu.engine import DecodeOptions, Device, WhisperEngine, is_unusual, select_names
 from whisper_gpu.models import ModelCache
+from whisper_gpu.names import NameSpeller
 from wyoming.asr import Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
@@ -163,3 +164,28 @@ def test_the_prompt_keeps_to_its_budget_unusual_names_first_without_repeats(tiny
     assert text.casefold().count("kaia's room") == 1
     assert "Kitchen Light" not in text, "names of common words come last, and these did not fit"
     assert select_names([], tokenizer.encode, 64) == []
+
+
+def home_speller(engine: WhisperEngine) -> NameSpeller:
+    encode = engine._tokenizer("en").encode
+    return NameSpeller(name for name in HOME if is_unusual(name, encode))
+
+
+def test_words_written_almost_like_a_name_are_spelled_as_the_name(tiny: WhisperEngine) -> None:
+    """What base and tiny.en wrote for the test set's commands, and the name each one meant."""
+    speller = home_speller(tiny)
+    assert speller.spell("Turn off Mother's Fan.") == "Turn off Wouter's Fan."
+    assert speller.spell("Turn off the harga's lamp.") == "Turn off the Hinata's Lamp."
+    assert speller.spell("Turn off the Rubblewski Heater.") == "Turn off the Wróblewski Heater."
+    assert speller.spell("Turn off the lights in Kaya's room!") == "Turn off the lights in Kaia's Room!"
+    assert speller.spell("Turn off the kühlschrank") == "Turn off the Kühlschrank"
+
+
+def test_ordinary_commands_are_left_alone(tiny: WhisperEngine) -> None:
+    """No name is made out of ordinary words, nor out of part of a misheard name."""
+    speller = home_speller(tiny)
+    for text, _ in COMMANDS:
+        assert speller.spell(text).casefold() == text.casefold()
+    for text in ("turn off the cool shrank", "Kim Kim is light.", "Turn on the trot free moe.", "turn on the fan"):
+        assert speller.spell(text) == text
+    assert not NameSpeller(["Fan", "TV"]), "too short to compare"
