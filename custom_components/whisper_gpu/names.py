@@ -5,7 +5,7 @@ is exposed to Assist or hidden from it, and when an entity appears, goes or is r
 """
 
 from collections.abc import Iterable
-from typing import Final
+from typing import Any, Final
 
 from homeassistant.components.homeassistant.exposed_entities import (
     DATA_EXPOSED_ENTITIES,
@@ -13,7 +13,7 @@ from homeassistant.components.homeassistant.exposed_entities import (
     async_should_expose,
 )
 from homeassistant.const import EVENT_STATE_CHANGED
-from homeassistant.core import CALLBACK_TYPE, EventStateChangedData, HomeAssistant, callback
+from homeassistant.core import CALLBACK_TYPE, Event, EventStateChangedData, HomeAssistant, callback
 from homeassistant.helpers import area_registry as ar
 from homeassistant.helpers import device_registry as dr
 from homeassistant.helpers import entity_registry as er
@@ -50,16 +50,15 @@ class AssistNames:
     def async_start(self) -> CALLBACK_TYPE:
         """Make the list now and whenever what it is made of changes; returns the function that stops it."""
         hass = self._hass
-        schedule = self._refresh.async_schedule_call
         stops = [
-            hass.bus.async_listen(er.EVENT_ENTITY_REGISTRY_UPDATED, lambda _: schedule()),
-            hass.bus.async_listen(dr.EVENT_DEVICE_REGISTRY_UPDATED, lambda _: schedule()),
-            hass.bus.async_listen(ar.EVENT_AREA_REGISTRY_UPDATED, lambda _: schedule()),
-            hass.bus.async_listen(fr.EVENT_FLOOR_REGISTRY_UPDATED, lambda _: schedule()),
-            hass.bus.async_listen(EVENT_STATE_CHANGED, lambda _: schedule(), event_filter=_named_differently),
+            hass.bus.async_listen(er.EVENT_ENTITY_REGISTRY_UPDATED, self._async_changed),
+            hass.bus.async_listen(dr.EVENT_DEVICE_REGISTRY_UPDATED, self._async_changed),
+            hass.bus.async_listen(ar.EVENT_AREA_REGISTRY_UPDATED, self._async_changed),
+            hass.bus.async_listen(fr.EVENT_FLOOR_REGISTRY_UPDATED, self._async_changed),
+            hass.bus.async_listen(EVENT_STATE_CHANGED, self._async_changed, event_filter=_named_differently),
         ]
         if DATA_EXPOSED_ENTITIES in hass.data:
-            stops.append(async_listen_entity_updates(hass, ASSISTANT, schedule))
+            stops.append(async_listen_entity_updates(hass, ASSISTANT, self._refresh.async_schedule_call))
         self._async_collect()
 
         @callback
@@ -69,6 +68,10 @@ class AssistNames:
             self._refresh.async_cancel()
 
         return stop
+
+    @callback
+    def _async_changed(self, _event: Event[Any]) -> None:
+        self._refresh.async_schedule_call()
 
     @callback
     def _async_collect(self) -> None:
@@ -100,6 +103,7 @@ class AssistNames:
         LOGGER.debug("%d names exposed to Assist", len(self.names))
 
 
+@callback
 def _named_differently(data: EventStateChangedData) -> bool:
     """An entity appeared, went, or changed its name (not a mere change of state)."""
     old, new = data["old_state"], data["new_state"]

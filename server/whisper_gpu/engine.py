@@ -56,6 +56,7 @@ _HALF_PRECISION = ("float16", "bfloat16", "int8_float16", "int8_bfloat16")
 # once per decode, so its cost is small, but it grows with length: this budget kept base on a CPU within a few
 # percent of its time without names (bench/run --names).
 NAME_PROMPT_TOKENS = 64
+_CLOSEST_NAMES = 4  # names like what the first decode heard, put first in the redo's prompt
 _NAME_PLANS_KEPT = 64  # lists of names whose prompt and speller are kept (one per home, as a rule)
 
 
@@ -155,6 +156,11 @@ class _Piece:
     text: str = ""
     fallback: bool = False  # decode again in a wider window
     redone: bool = False
+    prompt: list[int] | None = None  # for the redo: the names closest to what the first decode heard
+
+    @property
+    def names_prompt(self) -> list[int]:
+        return self.request.prompt if self.prompt is None else self.prompt
 
     @property
     def token_cap(self) -> int:
@@ -343,7 +349,7 @@ class WhisperEngine:
         """
         groups: dict[tuple[int, int, int], list[_Piece]] = defaultdict(list)
         for piece in pieces:
-            groups[piece.request.options.beam_size, piece.window_frames, len(piece.request.prompt)].append(piece)
+            groups[piece.request.options.beam_size, piece.window_frames, len(piece.names_prompt)].append(piece)
         for (beam_size, frames, _), grouped in groups.items():
             for first in range(0, len(grouped), _PIECES_PER_CALL):
                 self._decode(grouped[first : first + _PIECES_PER_CALL], beam_size, frames)
@@ -369,7 +375,9 @@ class WhisperEngine:
             for piece in request.pieces:
                 if piece.fallback and piece.window_frames < _FULL_FRAMES:
                     piece.window_frames, piece.redone, piece.fallback = _FULL_FRAMES, True, False
-                    retry[request.options.beam_size, len(request.prompt)].append(piece)
+                    if request.speller:
+                        piece.prompt = self._closer_prompt(request, piece.text)
+                    retry[request.options.beam_size, len(piece.names_prompt)].append(piece)
         for (beam_size, _), pieces in retry.items():
             started = time.perf_counter()
             for first in range(0, len(pieces), _PIECES_PER_CALL):
@@ -407,7 +415,7 @@ class WhisperEngine:
         prompts = []
         for piece in pieces:
             tokenizer = self._tokenizer(piece.request.language or "en")
-            previous = [tokenizer.sot_prev, *piece.request.prompt] if piece.request.prompt else []
+            previous = [tokenizer.sot_prev, *piece.names_prompt] if piece.names_prompt else []
             prompts.append([*previous, *tokenizer.sot_sequence, tokenizer.no_timestamps])
         caps = [min(piece.token_cap, _MAX_TOKENS - len(prompt)) for piece, prompt in zip(pieces, prompts, strict=True)]
         results = model.model.generate(
@@ -463,6 +471,15 @@ class WhisperEngine:
         piece.text = " ".join(segment.text.strip() for segment in segments).strip()
         piece.redone = True
         request.stages["fallback"] += time.perf_counter() - started
+
+    def _closer_prompt(self, request: _Request, heard: str) -> list[int]:
+        """The prompt for a redo: the names most like what the first decode heard first, then the usual ones.
+
+        Names that did not fit the prompt get their chance where the first decode heard something like them.
+        """
+        assert request.speller is not None  # noqa: S101 - only requests with names have a speller
+        closest = request.speller.closest(heard, _CLOSEST_NAMES)
+        return select_names([*closest, *request.options.names], self._tokenizer("en").encode, NAME_PROMPT_TOKENS)
 
     def _name_plan(self, names: tuple[str, ...]) -> tuple[list[int], NameSpeller]:
         """The prompt tokens of a list of names, and the speller of its unusual names.

@@ -52,6 +52,18 @@ class NameSpeller:
     def __bool__(self) -> bool:
         return bool(self._by_length)
 
+    def closest(self, text: str, count: int) -> list[str]:
+        """The names whose letters appear most nearly in the text's, best first."""
+        letters_of_text = letters(text)
+        if not letters_of_text:
+            return []
+        ranked = [
+            (score, spellings[index])
+            for spellings, keys in self._by_length.values()
+            for _, score, index in process.extract(letters_of_text, keys, scorer=fuzz.partial_ratio, limit=count)
+        ]
+        return [name for _, name in sorted(ranked, key=lambda match: -match[0])[:count]]
+
     def spell(self, text: str) -> str:
         """The text with the runs of words most like a name replaced by it (the best match first, no overlaps)."""
         words = list(_WORD.finditer(text))

@@ -189,3 +189,11 @@ def test_ordinary_commands_are_left_alone(tiny: WhisperEngine) -> None:
     for text in ("turn off the cool shrank", "Kim Kim is light.", "Turn on the trot free moe.", "turn on the fan"):
         assert speller.spell(text) == text
     assert not NameSpeller(["Fan", "TV"]), "too short to compare"
+
+
+def test_the_names_closest_to_a_first_hearing_are_found(tiny: WhisperEngine) -> None:
+    """A redo's prompt starts with these: names that did not fit the usual prompt get their chance."""
+    speller = home_speller(tiny)
+    assert "Tradfri Bulb" in speller.closest("Turn on the trot free moe.", 4)
+    assert "Väinämöinen Speaker" in speller.closest("Play music on the meaner mind and speaker.", 4)
+    assert speller.closest("", 4) == []
