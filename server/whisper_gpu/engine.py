@@ -31,7 +31,7 @@ from faster_whisper.tokenizer import _LANGUAGE_CODES, Tokenizer
 from faster_whisper.transcribe import get_compression_ratio, get_ctranslate2_storage, get_suppressed_tokens
 from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
 
-from .names import NameSpeller
+from .names import NameSpeller, letters
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -133,6 +133,8 @@ class _Request:
     prompt: list[int] = field(default_factory=list)
     """Tokens of the names that go before the speech (without the start-of-previous token)."""
     speller: NameSpeller | None = None
+    name_words: frozenset[str] = frozenset()
+    """The words of its names, as `letters` writes them."""
 
     def result(self) -> TranscriptResult:
         text = " ".join(piece.text for piece in self.pieces if piece.text).strip()
@@ -285,7 +287,7 @@ class WhisperEngine:
         self.languages: list[str] = sorted(_LANGUAGE_CODES) if self.multilingual else ["en"]
         self._tokenizers: dict[str, Tokenizer] = {}
         self._suppressed = list(get_suppressed_tokens(self._tokenizer("en"), (-1,)) or ())
-        self._name_plans: dict[tuple[str, ...], tuple[list[int], NameSpeller]] = {}
+        self._name_plans: dict[tuple[str, ...], tuple[list[int], NameSpeller, frozenset[str]]] = {}
         self.load_seconds = time.monotonic() - started
 
     def warm_up(self, window_s: float = 10.0) -> None:
@@ -361,7 +363,7 @@ class WhisperEngine:
         request = _Request(len(audio) / SAMPLE_RATE, options, dict.fromkeys(STAGES, 0.0))
         request.language = options.language if self.multilingual else "en"
         if options.names:
-            request.prompt, request.speller = self._name_plan(options.names)
+            request.prompt, request.speller, request.name_words = self._name_plan(options.names)
         speech = speech_pieces(audio, options, window_s) if vad else [audio[: int(window_s * SAMPLE_RATE)]]
         frames = round(window_s * _FRAMES_PER_SECOND)
         request.pieces = [_Piece(request, piece, frames) for piece in speech]
@@ -369,28 +371,36 @@ class WhisperEngine:
         return request
 
     def _redo_unsure(self, requests: list[_Request]) -> None:
-        """Decode looped or unsure pieces again in the full window; what loops even there, as faster-whisper does."""
+        """Decode looped or unsure pieces again in the full window; what loops even there, as faster-whisper does.
+
+        With names, the redo's prompt leads with the names closest to what was heard; a piece that then still loops
+        or is made of nothing but words of the names (Whisper copying its prompt) is decoded once more without them.
+        """
+        pieces = [piece for request in requests for piece in request.pieces]
+        self._decode_again([piece for piece in pieces if piece.fallback and piece.window_frames < _FULL_FRAMES])
+        self._decode_again([piece for piece in pieces if piece.fallback and piece.names_prompt], names=False)
+        for piece in pieces:
+            if piece.fallback:
+                self._decode_with_temperatures(piece)
+
+    def _decode_again(self, pieces: list[_Piece], *, names: bool = True) -> None:
+        """Decode pieces again in the full window, with the names closest to what they heard, or without names."""
         retry: dict[tuple[int, int], list[_Piece]] = defaultdict(list)
-        for request in requests:
-            for piece in request.pieces:
-                if piece.fallback and piece.window_frames < _FULL_FRAMES:
-                    piece.window_frames, piece.redone, piece.fallback = _FULL_FRAMES, True, False
-                    if request.speller:
-                        piece.prompt = self._closer_prompt(request, piece.text)
-                    retry[request.options.beam_size, len(piece.names_prompt)].append(piece)
-        for (beam_size, _), pieces in retry.items():
+        for piece in pieces:
+            piece.window_frames, piece.redone, piece.fallback = _FULL_FRAMES, True, False
+            if piece.request.speller:
+                piece.prompt = self._closer_prompt(piece.request, piece.text) if names else []
+            retry[piece.request.options.beam_size, len(piece.names_prompt)].append(piece)
+        for (beam_size, _), grouped in retry.items():
             started = time.perf_counter()
-            for first in range(0, len(pieces), _PIECES_PER_CALL):
-                self._decode(pieces[first : first + _PIECES_PER_CALL], beam_size, _FULL_FRAMES, stage="fallback")
+            for first in range(0, len(grouped), _PIECES_PER_CALL):
+                self._decode(grouped[first : first + _PIECES_PER_CALL], beam_size, _FULL_FRAMES, stage="fallback")
             _LOGGER.debug(
-                "%d piece(s) decoded again in the full window (%.0f ms)",
-                len(pieces),
+                "%d piece(s) decoded again in the full window%s (%.0f ms)",
+                len(grouped),
+                "" if names else " without names",
                 (time.perf_counter() - started) * 1000,
             )
-        for request in requests:
-            for piece in request.pieces:
-                if piece.fallback:
-                    self._decode_with_temperatures(piece)
 
     def _decode(self, pieces: list[_Piece], beam_size: int, frames: int, stage: str = "") -> None:
         """Encode the pieces in one call, detect languages from that output, and decode them in one call."""
@@ -431,8 +441,10 @@ class WhisperEngine:
             tokens = result.sequences_ids[0]
             piece.text = self._tokenizer(piece.request.language or "en").decode(tokens).strip()
             logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
-            piece.fallback = looks_looped(tokens, piece.text, cap) or (
-                frames < _FULL_FRAMES and logprob < _UNSURE_LOGPROB
+            piece.fallback = (
+                looks_looped(tokens, piece.text, cap)
+                or (frames < _FULL_FRAMES and logprob < _UNSURE_LOGPROB)
+                or self._only_names(piece)
             )
         finished = time.perf_counter()
         for request in requests:
@@ -466,11 +478,17 @@ class WhisperEngine:
             beam_size=request.options.beam_size,
             condition_on_previous_text=False,
             without_timestamps=True,
-            initial_prompt=request.prompt or None,
+            initial_prompt=piece.names_prompt or None,
         )
         piece.text = " ".join(segment.text.strip() for segment in segments).strip()
         piece.redone = True
         request.stages["fallback"] += time.perf_counter() - started
+
+    @staticmethod
+    def _only_names(piece: _Piece) -> bool:
+        """Whether a decode with names is made of nothing but their words: Whisper copied its prompt."""
+        words = [word for word in map(letters, piece.text.split()) if word]
+        return bool(piece.names_prompt and words) and all(word in piece.request.name_words for word in words)
 
     def _closer_prompt(self, request: _Request, heard: str) -> list[int]:
         """The prompt for a redo: the names most like what the first decode heard first, then the usual ones.
@@ -481,17 +499,20 @@ class WhisperEngine:
         closest = request.speller.closest(heard, _CLOSEST_NAMES)
         return select_names([*closest, *request.options.names], self._tokenizer("en").encode, NAME_PROMPT_TOKENS)
 
-    def _name_plan(self, names: tuple[str, ...]) -> tuple[list[int], NameSpeller]:
-        """The prompt tokens of a list of names, and the speller of its unusual names.
+    def _name_plan(self, names: tuple[str, ...]) -> tuple[list[int], NameSpeller, frozenset[str]]:
+        """The prompt tokens of a list of names, the speller of its unusual names, and the words of all of them.
 
-        A client sends the same list with every request, so both are kept.
+        A client sends the same list with every request, so they are kept.
         """
         if names not in self._name_plans:
             if len(self._name_plans) >= _NAME_PLANS_KEPT:
                 self._name_plans.clear()
             encode = self._tokenizer("en").encode
-            speller = NameSpeller(name for name in names if is_unusual(name, encode))
-            self._name_plans[names] = select_names(names, encode, NAME_PROMPT_TOKENS), speller
+            self._name_plans[names] = (
+                select_names(names, encode, NAME_PROMPT_TOKENS),
+                NameSpeller(name for name in names if is_unusual(name, encode)),
+                frozenset(letters(word) for name in names for word in name.split()),
+            )
         return self._name_plans[names]
 
     def _tokenizer(self, language: str) -> Tokenizer:
