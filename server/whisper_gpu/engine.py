@@ -10,6 +10,9 @@ of: a piece whose text loops (the token cap reached, a phrase repeated, or text 
 repetitions do) or whose decode is unsure is decoded again the way faster-whisper does it, in the full 30 s window,
 so the policy keeps the full window's accuracy. With `LANGUAGE=auto` the language is detected from the encoder
 output already computed.
+
+Names a request brings (of the speaker's home) become the decoder's prompt, the text before the speech, and the
+transcript's near-misses of them are spelled as the names (names.py).
 """
 
 from __future__ import annotations
