@@ -5,6 +5,7 @@ The first tests read the `transcribe` event from a stub Wyoming server that reco
 """
 
 from datetime import timedelta
+from pathlib import Path
 
 from helpers.speech import Utterance, synthesize
 from homeassistant.components import stt
@@ -118,7 +119,7 @@ async def test_the_option_turns_the_names_off(
 
 
 async def test_the_server_spells_a_name_of_the_home(
-    hass: HomeAssistant, server: WhisperGpuServer, config_entry: MockConfigEntry, speech_dir: object
+    hass: HomeAssistant, server: WhisperGpuServer, config_entry: MockConfigEntry, speech_dir: Path
 ) -> None:
     """End to end on tiny.en: an area's name comes back spelled as the home spells it.
 
@@ -127,7 +128,7 @@ async def test_the_server_spells_a_name_of_the_home(
     await make_home(hass)
     await setup_entry(hass, config_entry)
     text = "turn off the lights in Kaia's room"
-    spoken = synthesize("turn off the lights in Kaya's room", speech_dir)  # type: ignore[arg-type]
+    spoken = synthesize("turn off the lights in Kaya's room", speech_dir)
     pcm, _, _, _ = Utterance(text, spoken, clear=True).pcm()
     entity = stt.async_get_speech_to_text_entity(hass, ENTITY_ID)
     assert entity is not None
