@@ -7,11 +7,8 @@ is exposed to Assist or hidden from it, and when an entity appears, goes or is r
 from collections.abc import Iterable
 from typing import Any, Final
 
-from homeassistant.components.homeassistant.exposed_entities import (
-    DATA_EXPOSED_ENTITIES,
-    async_listen_entity_updates,
-    async_should_expose,
-)
+from homeassistant.components.homeassistant.const import DATA_EXPOSED_ENTITIES
+from homeassistant.components.homeassistant.exposed_entities import async_listen_entity_updates, async_should_expose
 from homeassistant.const import EVENT_STATE_CHANGED
 from homeassistant.core import CALLBACK_TYPE, Event, EventStateChangedData, HomeAssistant, callback
 from homeassistant.helpers import area_registry as ar
