@@ -34,7 +34,7 @@ from faster_whisper.tokenizer import _LANGUAGE_CODES, Tokenizer
 from faster_whisper.transcribe import get_compression_ratio, get_ctranslate2_storage, get_suppressed_tokens
 from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
 
-from .names import NameSpeller, letters
+from .names import NameSpeller, PromptEcho
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -136,8 +136,7 @@ class _Request:
     prompt: list[int] = field(default_factory=list)
     """Tokens of the names that go before the speech (without the start-of-previous token)."""
     speller: NameSpeller | None = None
-    name_words: frozenset[str] = frozenset()
-    """The words of its names, as `letters` writes them."""
+    echo: PromptEcho | None = None
 
     def result(self) -> TranscriptResult:
         text = " ".join(piece.text for piece in self.pieces if piece.text).strip()
@@ -290,7 +289,7 @@ class WhisperEngine:
         self.languages: list[str] = sorted(_LANGUAGE_CODES) if self.multilingual else ["en"]
         self._tokenizers: dict[str, Tokenizer] = {}
         self._suppressed = list(get_suppressed_tokens(self._tokenizer("en"), (-1,)) or ())
-        self._name_plans: dict[tuple[str, ...], tuple[list[int], NameSpeller, frozenset[str]]] = {}
+        self._name_plans: dict[tuple[str, ...], tuple[list[int], NameSpeller, PromptEcho]] = {}
         self.load_seconds = time.monotonic() - started
 
     def warm_up(self, window_s: float = 10.0) -> None:
@@ -366,7 +365,7 @@ class WhisperEngine:
         request = _Request(len(audio) / SAMPLE_RATE, options, dict.fromkeys(STAGES, 0.0))
         request.language = options.language if self.multilingual else "en"
         if options.names:
-            request.prompt, request.speller, request.name_words = self._name_plan(options.names)
+            request.prompt, request.speller, request.echo = self._name_plan(options.names)
         speech = speech_pieces(audio, options, window_s) if vad else [audio[: int(window_s * SAMPLE_RATE)]]
         frames = round(window_s * _FRAMES_PER_SECOND)
         request.pieces = [_Piece(request, piece, frames) for piece in speech]
@@ -377,7 +376,7 @@ class WhisperEngine:
         """Decode looped or unsure pieces again in the full window; what loops even there, as faster-whisper does.
 
         With names, the redo's prompt leads with the names closest to what was heard; a piece that then still loops
-        or is made of nothing but words of the names (Whisper copying its prompt) is decoded once more without them.
+        or repeats the names of its prompt (PromptEcho) is decoded once more without them.
         """
         pieces = [piece for request in requests for piece in request.pieces]
         self._decode_again([piece for piece in pieces if piece.fallback and piece.window_frames < _FULL_FRAMES])
@@ -447,7 +446,7 @@ class WhisperEngine:
             piece.fallback = (
                 looks_looped(tokens, piece.text, cap)
                 or (frames < _FULL_FRAMES and logprob < _UNSURE_LOGPROB)
-                or self._only_names(piece)
+                or bool(piece.names_prompt and piece.request.echo and piece.request.echo(piece.text))
             )
         finished = time.perf_counter()
         for request in requests:
@@ -487,12 +486,6 @@ class WhisperEngine:
         piece.redone = True
         request.stages["fallback"] += time.perf_counter() - started
 
-    @staticmethod
-    def _only_names(piece: _Piece) -> bool:
-        """Whether a decode with names is made of nothing but their words: Whisper copied its prompt."""
-        words = [word for word in map(letters, piece.text.split()) if word]
-        return bool(piece.names_prompt and words) and all(word in piece.request.name_words for word in words)
-
     def _closer_prompt(self, request: _Request, heard: str) -> list[int]:
         """The prompt for a redo: the names most like what the first decode heard first, then the usual ones.
 
@@ -502,8 +495,8 @@ class WhisperEngine:
         closest = request.speller.closest(heard, _CLOSEST_NAMES)
         return select_names([*closest, *request.options.names], self._tokenizer("en").encode, NAME_PROMPT_TOKENS)
 
-    def _name_plan(self, names: tuple[str, ...]) -> tuple[list[int], NameSpeller, frozenset[str]]:
-        """The prompt tokens of a list of names, the speller of its unusual names, and the words of all of them.
+    def _name_plan(self, names: tuple[str, ...]) -> tuple[list[int], NameSpeller, PromptEcho]:
+        """The prompt tokens of a list of names, the speller of its unusual names, and the echo check of its prompt.
 
         A client sends the same list with every request, so they are kept.
         """
@@ -514,7 +507,7 @@ class WhisperEngine:
             self._name_plans[names] = (
                 select_names(names, encode, NAME_PROMPT_TOKENS),
                 NameSpeller(name for name in names if is_unusual(name, encode)),
-                frozenset(letters(word) for name in names for word in name.split()),
+                PromptEcho(names),
             )
         return self._name_plans[names]
 

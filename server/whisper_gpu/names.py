@@ -94,3 +94,24 @@ class NameSpeller:
                         if _LENGTH_RATIO <= len(run) / len(name_keys[index]) <= 1 / _LENGTH_RATIO:
                             yield score, length - size, first, size, spellings[index]
                             break
+
+
+class PromptEcho:
+    """Tells a decode that repeats the names of its prompt from one that uses them.
+
+    Given names, Whisper sometimes writes unclear speech as names of its prompt: nothing but their words ("Järvinen
+    Heater" for "turn on the fan"), or the list itself ("Sauna, Thermostat, Kotatsu 21 degrees").
+    """
+
+    def __init__(self, names: Iterable[str]) -> None:
+        names = list(names)
+        self._words = frozenset(letters(word) for name in names for word in name.split())
+        self._names = frozenset(letters(name) for name in names)
+
+    def __call__(self, text: str) -> bool:
+        """Whether the text is made of nothing but words of the names, or starts with a name and a comma."""
+        words = [word for word in map(letters, text.split()) if word]
+        if words and all(word in self._words for word in words):
+            return True
+        first, comma, _ = text.partition(",")
+        return bool(comma) and letters(first) in self._names
