@@ -20,7 +20,7 @@ from helpers.server import ServerProcess, read_answer, transcribe
 from helpers.speech import COMMANDS, Utterance, synthesize
 from whisper_gpu.engine import DecodeOptions, Device, WhisperEngine, is_unusual, select_names
 from whisper_gpu.models import ModelCache
-from whisper_gpu.names import NameSpeller
+from whisper_gpu.names import NameSpeller, PromptEcho
 from wyoming.asr import Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
@@ -197,3 +197,14 @@ def test_the_names_closest_to_a_first_hearing_are_found(tiny: WhisperEngine) -> 
     assert "Järvinen Heater" in speller.closest("Shit, my arm I don't need her to 20 degrees.", 4)
     assert "Väinämöinen Speaker" in speller.closest("Play music on the meaner mind and speaker.", 4)
     assert speller.closest("", 4) == []
+
+
+def test_a_decode_that_repeats_the_prompt_is_told_from_one_that_uses_it() -> None:
+    """What tiny.en and base wrote for unclear ordinary commands when given the names: redone without them."""
+    echo = PromptEcho(HOME)
+    assert echo("Järvinen Heater")
+    assert echo("Sauna, Thermostat, Kotatsu 21 degrees.")
+    assert echo("Sauna, timer 410 minutes.")
+    assert not echo("Turn off the Järvinen Heater.")
+    assert not echo("Turn on the lights in Kaia's Room, please.")
+    assert not echo("")
