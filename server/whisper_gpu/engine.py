@@ -390,8 +390,10 @@ class WhisperEngine:
         retry: dict[tuple[int, int], list[_Piece]] = defaultdict(list)
         for piece in pieces:
             piece.window_frames, piece.redone, piece.fallback = _FULL_FRAMES, True, False
-            if piece.request.speller:
-                piece.prompt = self._closer_prompt(piece.request, piece.text) if names else []
+            if not names:
+                piece.prompt = []
+            elif piece.request.speller:
+                piece.prompt = self._closer_prompt(piece.request, piece.text)
             retry[piece.request.options.beam_size, len(piece.names_prompt)].append(piece)
         for (beam_size, _), grouped in retry.items():
             started = time.perf_counter()
