@@ -49,7 +49,11 @@ async def text_of(server: ServerProcess, pcm: bytes, names: list[str] | None) ->
 async def test_a_name_of_the_home_is_spelled_as_the_home_spells_it(
     whisper_server: ServerProcess, speech_dir: Path
 ) -> None:
-    """With the names the command comes back with the home's spelling; without them it does not."""
+    """With the names the command comes back with the home's spelling; without them it does not.
+
+    The silence after the command ends it on the server (endpointing), so the answer is the live path's: the
+    transcription started at the pause, with the request's names.
+    """
     for command, name in ((KAIA, "Kaia's"), (SIOBHAN, "Siobhán's")):
         pcm = speech(command, speech_dir)
         assert name in await text_of(whisper_server, pcm, HOME)
