@@ -294,9 +294,11 @@ class WhisperGpuClient:
         raise WhisperGpuConnectionError("The Wyoming connection closed")
 
     async def async_transcribe_updates(
-        self, audio: AsyncIterable[bytes], language: str | None
+        self, audio: AsyncIterable[bytes], language: str | None, names: list[str] | None = None
     ) -> AsyncGenerator[TranscriptUpdate]:
         """Stream 16 kHz 16-bit mono audio to the server; yield its text so far, then the final transcript.
+
+        `names` (of the home) go in the request's `transcript_names`, for the server to spell them right.
 
         The upload and the read run at the same time: partial text arrives while the audio still flows, the
         final transcript may come before the audio ends (the server heard the end of the command), and an error
@@ -308,7 +310,7 @@ class WhisperGpuClient:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 await client.connect()
             try:
-                async with aclosing(_async_stream_and_receive(client, audio, language)) as updates:
+                async with aclosing(_async_stream_and_receive(client, audio, language, names)) as updates:
                     async for update in updates:
                         yield update
                         if update.final:
@@ -321,10 +323,10 @@ class WhisperGpuClient:
 
 
 async def _async_stream_and_receive(
-    client: AsyncTcpClient, audio: AsyncIterable[bytes], language: str | None
+    client: AsyncTcpClient, audio: AsyncIterable[bytes], language: str | None, names: list[str] | None
 ) -> AsyncGenerator[TranscriptUpdate]:
     """Send the request and its audio while reading the answer; yield partial text, then the transcript."""
-    await client.write_event(Transcribe(language=language).event())
+    await client.write_event(Transcribe(language=language, transcript_names=names or None).event())
     await client.write_event(AudioStart(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=SAMPLE_CHANNELS).event())
     upload = asyncio.create_task(_async_upload(client, audio))
     try:

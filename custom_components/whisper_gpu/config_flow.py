@@ -44,6 +44,8 @@ from .const import (
     DEFAULT_CONTROL_PORT,
     DEFAULT_WYOMING_PORT,
     DOMAIN,
+    LOCAL_DEFAULTS,
+    LOCAL_OPTIONS,
     OPTION_SECTIONS,
     SECTION_VAD,
     SETTING_COMPUTE_TYPE,
@@ -247,11 +249,12 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
 
 
 class WhisperGpuOptionsFlow(OptionsFlow):
-    """The server's settings, read from it and sent back to it.
+    """The server's settings, read from it and sent back to it, and the integration's own options.
 
-    The server is the only place they are kept (entry.options stays empty); the
-    form sends only what the user changed, so a setting the operator changed on
-    the server stays as it is.
+    The server is the only place its settings are kept; the form sends only what
+    the user changed, so a setting the operator changed on the server stays as it
+    is. entry.options holds only the integration's own options (sending the names
+    of the home).
     """
 
     def __init__(self) -> None:
@@ -270,10 +273,16 @@ class WhisperGpuOptionsFlow(OptionsFlow):
                 return self.async_abort(reason="cannot_connect")
 
         errors: dict[str, str] = {}
-        suggested = self._settings
+        local = {name: self.config_entry.options.get(name, default) for name, default in LOCAL_DEFAULTS.items()}
+        suggested = {**self._settings, **local}
         if user_input is not None:
             suggested = _flatten(user_input)
-            changes = {name: value for name, value in suggested.items() if self._settings.get(name) != value}
+            local = {name: value for name, value in suggested.items() if name in LOCAL_DEFAULTS}
+            changes = {
+                name: value
+                for name, value in suggested.items()
+                if name not in LOCAL_DEFAULTS and self._settings.get(name) != value
+            }
             try:
                 if changes:
                     self._settings = await client.async_update_settings(changes)
@@ -288,7 +297,7 @@ class WhisperGpuOptionsFlow(OptionsFlow):
                 entry: WhisperGpuConfigEntry = self.config_entry
                 if entry.state is ConfigEntryState.LOADED:
                     await entry.runtime_data.coordinator.async_request_refresh()
-                return self.async_create_entry(data={})
+                return self.async_create_entry(data=local)
 
         return self.async_show_form(
             step_id="init",
@@ -308,7 +317,7 @@ def _sectioned(settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Return flat settings grouped as the form's sections."""
     return {
         section_key: {name: settings[name] for name in names if name in settings}
-        for section_key, names in OPTION_SECTIONS.items()
+        for section_key, names in (OPTION_SECTIONS | LOCAL_OPTIONS).items()
     }
 
 
@@ -334,6 +343,9 @@ def _options_schema(info: ServerInfo, settings: Mapping[str, Any]) -> probatio.S
             sections[probatio.Required(section_key)] = section(
                 probatio.Schema(fields), {"collapsed": section_key == SECTION_VAD}
             )
+    for section_key, names in LOCAL_OPTIONS.items():
+        fields = {probatio.Required(name): BooleanSelector() for name in names}
+        sections[probatio.Required(section_key)] = section(probatio.Schema(fields), {"collapsed": False})
     return probatio.Schema(sections)
 
 

@@ -30,6 +30,13 @@ SETTING_ENDPOINTING: Final = "endpointing"
 SETTING_END_OF_SPEECH_S: Final = "end_of_speech_s"
 SETTING_KEEP_ALIVE_S: Final = "keep_alive_s"
 
+# Options of the integration itself, kept in entry.options beside the server's settings.
+CONF_SEND_NAMES: Final = "send_names"
+DEFAULT_SEND_NAMES: Final = True
+SECTION_ASSIST: Final = "assist"
+LOCAL_OPTIONS: Final[dict[str, tuple[str, ...]]] = {SECTION_ASSIST: (CONF_SEND_NAMES,)}
+LOCAL_DEFAULTS: Final = {CONF_SEND_NAMES: DEFAULT_SEND_NAMES}
+
 SECTION_MODEL: Final = "model_settings"
 SECTION_DECODING: Final = "decoding"
 SECTION_VAD: Final = "voice_activity_detection"

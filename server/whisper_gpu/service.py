@@ -626,11 +626,17 @@ class Service:
         return chosen
 
     async def transcribe(
-        self, audio: np.ndarray, language: str | None, *, urgency: Urgency | None = None
+        self,
+        audio: np.ndarray,
+        language: str | None,
+        *,
+        urgency: Urgency | None = None,
+        names: tuple[str, ...] = (),
     ) -> tuple[TranscriptResult, str]:
         """Transcribe 16 kHz mono audio with the current settings; returns the result and the model's name.
 
-        Background work (partial and speculative transcripts) waits for every final transcript queued.
+        Background work (partial and speculative transcripts) waits for every final transcript queued. The names
+        (of the client's home) bias the model toward their spelling unless `use_names` is off.
         """
         decode_language = self.check_language(language)
         background = urgency is not None and urgency.background
@@ -642,7 +648,9 @@ class Service:
         self._touch()
         try:
             engine = await self.models.acquire()
-            options = DecodeOptions.from_settings(self.settings.values, decode_language)
+            options = DecodeOptions.from_settings(
+                self.settings.values, decode_language, names if self.settings["use_names"] else ()
+            )
             return await self.queue.transcribe(engine, audio, options, urgency), engine.name
         finally:
             self._transcribing -= 1

@@ -45,8 +45,12 @@ OPTIONS_FORM: dict[str, tuple[str, ...]] = {
         "max_speech_duration_s",
         "speech_pad_ms",
     ),
+    "assist": ("send_names",),
 }
-OPTION_NAMES = tuple(name for names in OPTIONS_FORM.values() for name in names)
+FORM_FIELDS = tuple(name for names in OPTIONS_FORM.values() for name in names)
+# The integration's own options, with their defaults; the other fields are the server's settings.
+LOCAL_OPTIONS = {"send_names": True}
+OPTION_NAMES = tuple(name for name in FORM_FIELDS if name not in LOCAL_OPTIONS)
 # The connection of the fast layer's entry: never contacted, the patched client answers.
 FIXTURE_ENTRY_DATA = {
     CONF_HOST: "whisper-gpu.local",

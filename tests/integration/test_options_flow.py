@@ -11,12 +11,21 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.whisper_gpu.const import DOMAIN
 
-from .common import OPTION_NAMES, OPTIONS_FORM, StubControlServer, WhisperGpuServer, mirror, setup_integration
+from .common import (
+    FORM_FIELDS,
+    LOCAL_OPTIONS,
+    OPTIONS_FORM,
+    StubControlServer,
+    WhisperGpuServer,
+    mirror,
+    poll,
+    setup_integration,
+)
 
 
 def form_input(settings: dict[str, Any], **changes: Any) -> dict[str, dict[str, Any]]:
     """Return the options form's input: the server's settings with changes, in sections."""
-    values = {**settings, **changes}
+    values = {**LOCAL_OPTIONS, **settings, **changes}
     return {section_key: {name: values[name] for name in names} for section_key, names in OPTIONS_FORM.items()}
 
 
@@ -36,7 +45,7 @@ async def test_options_form_is_built_from_the_server(
     assert all(isinstance(value, section) for value in sections.values())
     assert sections["voice_activity_detection"].options == {"collapsed": True}
     fields = {str(key): (key, value) for value in sections.values() for key, value in value.schema.schema.items()}
-    assert list(fields) == list(OPTION_NAMES)
+    assert list(fields) == list(FORM_FIELDS)
     _, body = server.request("GET", "/api/v1/info")
     model_key, model_selector = fields["model"]
     assert model_selector.config["options"] == [model["name"] for model in body["models"] if model["usable"]]
@@ -67,8 +76,32 @@ async def test_options_form_is_built_from_the_server(
     new_settings = server.settings()
     assert {name: new_settings[name] for name in changes} == changes
     assert type(new_settings["speech_pad_ms"]) is int
-    assert mock_config_entry.options == {}, "the settings stay on the server"
+    assert mock_config_entry.options == LOCAL_OPTIONS, "the server's settings stay on the server"
     assert mock_config_entry.state is ConfigEntryState.LOADED
+
+
+async def test_sending_names_is_an_option_of_home_assistant(
+    hass: HomeAssistant, mock_config_entry: MockConfigEntry, server: WhisperGpuServer, stub_server: StubControlServer
+) -> None:
+    """Turning the names off changes nothing on the server and stays off after the next poll."""
+    mirror(stub_server, server)
+    settings = server.settings()
+    entry = mock_config_entry
+    await setup_integration(hass, entry, control_port=stub_server.port)
+
+    result = await hass.config_entries.options.async_init(entry.entry_id)
+    send_names = next(
+        key for value in result["data_schema"].schema.values() for key in value.schema.schema if key == "send_names"
+    )
+    assert send_names.description == {"suggested_value": True}
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"], form_input(settings, send_names=False)
+    )
+    await poll(hass)
+
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert [request for request in stub_server.requests if request[0] == "PATCH"] == []
+    assert entry.options == {"send_names": False}
 
 
 async def test_options_sends_only_changes(
@@ -217,7 +250,7 @@ async def test_options_form_follows_the_servers_schema(
 
     assert result["type"] is FlowResultType.FORM
     schema = result["data_schema"].schema
-    assert [str(key) for key in schema] == ["model_settings", "decoding"]
+    assert [str(key) for key in schema] == ["model_settings", "decoding", "assist"], "the integration's own stays"
     sections = {str(key): value for key, value in schema.items()}
     model_selector = next(iter(sections["model_settings"].schema.schema.values()))
     assert model_selector.config["options"][-1] == "/models/my-finetune"
