@@ -25,6 +25,7 @@ NOT_IN_THE_FORM = {
     "log_transcripts": "privacy: the operator decides what the server's log holds",
     "low_memory_switch": "a trade-off of the server's memory, set by the operator",
     "park_mode": "how a GPU parks depends on the host's memory, which the operator knows",
+    "use_names": "the integration's own option (send_names) decides whether it sends names at all",
 }
 # Not settings errors: 401 starts reauthentication; the park and restore actions' refusals show through the
 # Free GPU memory button's `park_refused` message with the code.

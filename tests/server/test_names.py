@@ -114,7 +114,8 @@ async def test_malformed_names_are_ignored_and_counted(
     before = invalid_names_count(whisper_server)
     answer = await send_raw_transcribe(whisper_server.wyoming_port, {"language": "en", **data}, pcm)
     assert Transcript.is_type(answer.type), answer
-    assert Transcript.from_event(answer).text == await text_of(whisper_server, pcm, None)
+    without_names = await send_raw_transcribe(whisper_server.wyoming_port, {"language": "en"}, pcm)
+    assert Transcript.from_event(answer).text == Transcript.from_event(without_names).text
     assert invalid_names_count(whisper_server) == before + 1
 
 
