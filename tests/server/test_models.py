@@ -68,14 +68,22 @@ async def test_a_model_that_cannot_be_had_leaves_the_server_up_to_be_fixed(
 ) -> None:
     server = start_server(model="someone/whisper-nowhere", args=["--compute-type", "int8"], wait=False)
     status = wait_for(server, "failed")
-    assert status["error"] == {
-        "code": "download_failed",
-        "message": "Model 'someone/whisper-nowhere' is not in the cache and offline mode forbids downloading it; "
-        "run `whisper-gpu models download someone/whisper-nowhere` where the hub is reachable",
-    }
+    message = (
+        "Model 'someone/whisper-nowhere' is not in the cache and offline mode forbids downloading it; "
+        "run `whisper-gpu models download someone/whisper-nowhere` where the hub is reachable"
+    )
+    assert status["error"] == {"code": "not_available_offline", "message": message}
+    failure = status["last_failure"]
+    assert isinstance(failure, dict)
+    assert (failure["code"], failure["message"], failure["model"]) == (
+        "not_available_offline",
+        message,
+        "someone/whisper-nowhere",
+    )
     code, body = server.request("PATCH", "/api/v1/settings", {"model": "tiny.en"}, token=server.token)
     assert (code, body["reload"]) == (200, True)
-    wait_for(server, "ready")
+    ready = wait_for(server, "ready")
+    assert (ready["error"], ready["last_failure"]) == (None, None)
     audio, rate, width, channels = kitchen.pcm()
     event = await transcribe(server.wyoming_port, audio, rate, width, channels)
     assert normalize(event.data["text"]) == normalize(kitchen.text)
@@ -316,7 +324,7 @@ def test_a_damaged_cached_model_that_cannot_be_fetched_again_is_refused_with_the
     status = wait_for(server, "failed")
     error = status["error"]
     assert isinstance(error, dict)
-    assert error["code"] == "download_failed"
+    assert error["code"] == "not_available_offline"
     assert error["message"].startswith("The cached copy of someone/whisper-custom was damaged (")
     assert "fetching it again failed: Model 'someone/whisper-custom' is not in the cache" in error["message"]
     assert not cached.exists()
