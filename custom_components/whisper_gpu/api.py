@@ -113,6 +113,28 @@ class ServerInfo:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LoadFailure:
+    """The last model load that failed (`last_failure` in the status); kept until a load succeeds."""
+
+    code: str
+    message: str
+    model: str
+    time: str
+
+    @classmethod
+    def from_json(cls, data: Any) -> LoadFailure | None:
+        """Parse `last_failure` (null when the last load worked)."""
+        if data is None:
+            return None
+        return cls(
+            code=_str(data["code"]),
+            message=_str(data["message"]),
+            model=_str(data["model"]),
+            time=_str(data["time"]),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ServerStatus:
     """What GET /api/v1/status says about the model and the requests."""
 
@@ -121,6 +143,7 @@ class ServerStatus:
     target: str | None
     error_code: str | None
     error_message: str | None
+    last_failure: LoadFailure | None
     last_request_ms: float | None
     raw: dict[str, Any]
 
@@ -136,11 +159,20 @@ class ServerStatus:
                 target=_model_name(data.get("target")),
                 error_code=error.get("code"),
                 error_message=error.get("message"),
+                last_failure=LoadFailure.from_json(data.get("last_failure")),
                 last_request_ms=last_request.get("duration_ms"),
                 raw=data,
             )
         except (AttributeError, KeyError, TypeError, ValueError) as err:
             raise WhisperGpuResponseError(f"Not the status of a whisper-gpu server: {err!r}") from err
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SettingsChange:
+    """What PATCH /api/v1/settings answered: the settings, and whether a model load runs to apply them."""
+
+    settings: dict[str, Any]
+    reload: bool
 
 
 def _model_name(value: Any) -> str | None:
@@ -234,9 +266,13 @@ class WhisperGpuClient:
 
     async def async_update_settings(self, changes: Mapping[str, Any]) -> dict[str, Any]:
         """Change settings; return all settings as the server now has them."""
+        return (await self.async_change_settings(changes)).settings
+
+    async def async_change_settings(self, changes: Mapping[str, Any]) -> SettingsChange:
+        """Change settings; return the settings and whether a model load runs to apply them."""
         status, body = await self._request("PATCH", "/api/v1/settings", json=changes, auth=True)
         if status == HTTPStatus.OK and isinstance(body, dict):
-            return dict(body.get("settings") or {})
+            return SettingsChange(settings=dict(body.get("settings") or {}), reload=body.get("reload") is True)
         if status == HTTPStatus.UNAUTHORIZED:
             raise WhisperGpuAuthError("The server rejected the token")
         if status == HTTPStatus.BAD_REQUEST and isinstance(body, dict):
