@@ -2,15 +2,17 @@
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
 import aiohttp
-from wyoming.asr import Transcribe, Transcript
+from wyoming.asr import Transcribe, Transcript, TranscriptChunk
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
+from wyoming.event import Event
 from wyoming.info import AsrProgram, Describe, Info
 from yarl import URL
 
@@ -56,6 +58,14 @@ class WhisperGpuTranscriptionError(WhisperGpuError):
         """Keep the server's error text and code."""
         super().__init__(f"{text} ({code})" if code else text)
         self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptUpdate:
+    """Text from the server for one request: the text so far while audio arrives, then the final transcript."""
+
+    text: str
+    final: bool
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -305,18 +315,33 @@ class WhisperGpuClient:
         raise WhisperGpuConnectionError("The Wyoming connection closed")
 
     async def async_transcribe(self, audio: AsyncIterable[bytes], language: str | None) -> str:
-        """Stream 16 kHz 16-bit mono audio to the server; return its transcript.
+        """Stream 16 kHz 16-bit mono audio to the server; return its transcript."""
+        async with aclosing(self.async_transcribe_updates(audio, language)) as updates:
+            async for update in updates:
+                if update.final:
+                    return update.text
+        raise WhisperGpuConnectionError("The server sent no transcript")  # pragma: no cover - updates end final
 
-        The upload and the read run at the same time, so an error that the server
-        sends before the audio ends (an unsupported language, no model) stops the
-        upload at once.
+    async def async_transcribe_updates(
+        self, audio: AsyncIterable[bytes], language: str | None
+    ) -> AsyncGenerator[TranscriptUpdate]:
+        """Stream 16 kHz 16-bit mono audio to the server; yield its text so far, then the final transcript.
+
+        The upload and the read run at the same time: partial text arrives while the audio still flows, the
+        final transcript may come before the audio ends (the server heard the end of the command), and an error
+        that the server sends early (an unsupported language, no model) stops the upload at once. The upload
+        stops, and the connection closes, when the final transcript has been yielded.
         """
         client = AsyncTcpClient(self.host, self.wyoming_port)
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 await client.connect()
             try:
-                return await _async_stream_and_receive(client, audio, language)
+                async with aclosing(_async_stream_and_receive(client, audio, language)) as updates:
+                    async for update in updates:
+                        yield update
+                        if update.final:
+                            return
             finally:
                 await client.disconnect()
         except (OSError, EOFError, TimeoutError) as err:
@@ -324,23 +349,44 @@ class WhisperGpuClient:
             raise WhisperGpuConnectionError(f"Transcription failed: {_describe_error(err)}") from err
 
 
-async def _async_stream_and_receive(client: AsyncTcpClient, audio: AsyncIterable[bytes], language: str | None) -> str:
-    """Send the request and its audio while reading the answer; return the transcript."""
+async def _async_stream_and_receive(
+    client: AsyncTcpClient, audio: AsyncIterable[bytes], language: str | None
+) -> AsyncGenerator[TranscriptUpdate]:
+    """Send the request and its audio while reading the answer; yield partial text, then the transcript."""
     await client.write_event(Transcribe(language=language).event())
     await client.write_event(AudioStart(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=SAMPLE_CHANNELS).event())
     upload = asyncio.create_task(_async_upload(client, audio))
-    receive = asyncio.create_task(_async_receive_transcript(client))
     try:
-        await asyncio.wait((upload, receive), return_when=asyncio.FIRST_COMPLETED)
-        if not receive.done():
-            upload.result()
-            async with asyncio.timeout(RESULT_TIMEOUT):
-                return await receive
-        return receive.result()
+        while True:
+            event = await _async_next_event(client, upload)
+            if Transcript.is_type(event.type):
+                yield TranscriptUpdate(Transcript.from_event(event).text, final=True)
+                return
+            if TranscriptChunk.is_type(event.type):
+                yield TranscriptUpdate(TranscriptChunk.from_event(event).text, final=False)
+            elif Error.is_type(event.type):
+                error = Error.from_event(event)
+                raise WhisperGpuTranscriptionError(error.text, error.code)
     finally:
         upload.cancel()
-        receive.cancel()
-        await asyncio.gather(upload, receive, return_exceptions=True)
+        await asyncio.gather(upload, return_exceptions=True)
+
+
+async def _async_next_event(client: AsyncTcpClient, upload: asyncio.Task[None]) -> Event:
+    """The server's next event. A failed upload ends the wait; once all audio is sent, it may take RESULT_TIMEOUT."""
+    read = asyncio.create_task(client.read_event())
+    try:
+        if not upload.done():
+            await asyncio.wait((upload, read), return_when=asyncio.FIRST_COMPLETED)
+            if not read.done():
+                upload.result()  # the upload's error, if it failed
+        async with asyncio.timeout(RESULT_TIMEOUT):
+            event = await read
+    finally:
+        read.cancel()
+    if event is None:
+        raise WhisperGpuConnectionError("The server closed the connection")
+    return event
 
 
 def _describe_error(err: BaseException) -> str:
@@ -367,14 +413,3 @@ async def _async_upload(client: AsyncTcpClient, audio: AsyncIterable[bytes]) -> 
     finally:
         if isinstance(iterator, AsyncGenerator):
             await iterator.aclose()
-
-
-async def _async_receive_transcript(client: AsyncTcpClient) -> str:
-    """Read events until the transcript or an error arrives."""
-    while (event := await client.read_event()) is not None:
-        if Transcript.is_type(event.type):
-            return Transcript.from_event(event).text
-        if Error.is_type(event.type):
-            error = Error.from_event(event)
-            raise WhisperGpuTranscriptionError(error.text, error.code)
-    raise WhisperGpuConnectionError("The server closed the connection")

@@ -1,7 +1,8 @@
 """Speech-to-text entity: streams the pipeline's audio to the server over Wyoming."""
 
-from collections.abc import AsyncIterable
-from typing import override
+from collections.abc import AsyncGenerator, AsyncIterable
+from contextlib import aclosing
+from typing import Any, override
 
 from homeassistant.components import stt
 from homeassistant.components.stt.models import SpeechAudioProcessing
@@ -19,6 +20,8 @@ PARALLEL_UPDATES = 0
 
 STT_DESCRIPTION = EntityDescription(key="stt", translation_key="speech_to_text")
 AUTO_LANGUAGE = "auto"
+# Partial results came with Home Assistant 2026.11; older releases take only the final one.
+PARTIAL_SPEECH_RESULT: type[Any] | None = getattr(stt, "PartialSpeechResult", None)
 
 
 async def async_setup_entry(
@@ -95,10 +98,39 @@ class WhisperGpuSpeechToText(WhisperGpuEntity, stt.SpeechToTextEntity):
     async def async_process_audio_stream(
         self, metadata: stt.SpeechMetadata, stream: AsyncIterable[bytes]
     ) -> stt.SpeechResult:
-        """Stream the audio to the server while it arrives; return the text."""
+        """Stream the audio to the server while it arrives; return the text (Home Assistant without partials)."""
+        async with aclosing(self._async_results(metadata, stream)) as results:
+            async for result in results:
+                if isinstance(result, stt.SpeechResult):
+                    return result
+        return stt.SpeechResult(None, stt.SpeechResultState.ERROR)  # pragma: no cover - results end final
+
+    async def async_process_audio_stream_with_progress(
+        self, metadata: stt.SpeechMetadata, stream: AsyncIterable[bytes]
+    ) -> AsyncGenerator[Any]:
+        """Stream the audio to the server; yield the text so far while it arrives, then the final result.
+
+        Home Assistant 2026.11 and later call this (`PartialSpeechResult`). The final result comes as soon as the
+        server sends it, which with its end-of-command detection is before the pipeline's audio ends: the audio
+        stops being read then, so the pipeline moves on without waiting for its own VAD.
+        """
+        async with aclosing(self._async_results(metadata, stream)) as results:
+            async for result in results:
+                yield result
+
+    async def _async_results(self, metadata: stt.SpeechMetadata, stream: AsyncIterable[bytes]) -> AsyncGenerator[Any]:
+        """Partial results (where Home Assistant has them), then one final SpeechResult."""
+        updates = self.coordinator.client.async_transcribe_updates(stream, metadata.language)
         try:
-            text = await self.coordinator.client.async_transcribe(stream, metadata.language)
+            async with aclosing(updates):
+                async for update in updates:
+                    if update.final:
+                        LOGGER.debug("Final transcript on %s: %s", self.entity_id, update.text)
+                        yield stt.SpeechResult(update.text, stt.SpeechResultState.SUCCESS)
+                        return
+                    LOGGER.debug("Partial transcript on %s: %s", self.entity_id, update.text)
+                    if PARTIAL_SPEECH_RESULT is not None:
+                        yield PARTIAL_SPEECH_RESULT(text=update.text)
         except WhisperGpuError as err:
             LOGGER.warning("Speech-to-text on %s failed: %s", self.entity_id, err)
-            return stt.SpeechResult(None, stt.SpeechResultState.ERROR)
-        return stt.SpeechResult(text, stt.SpeechResultState.SUCCESS)
+            yield stt.SpeechResult(None, stt.SpeechResultState.ERROR)
