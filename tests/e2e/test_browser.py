@@ -47,7 +47,10 @@ def in_thread(coroutine: Coroutine[Any, Any, T]) -> T:
 
 def chromium_executable() -> str | None:
     """The Chromium to drive, if there is one."""
-    return os.environ.get(CHROMIUM_ENV) or shutil.which("chromium")
+    chosen = os.environ.get(CHROMIUM_ENV)
+    if chosen:
+        return chosen if os.access(chosen, os.X_OK) else None
+    return shutil.which("chromium")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +59,11 @@ def browser(request: pytest.FixtureRequest) -> Iterator[Any]:
     executable = chromium_executable()
     reason = None
     if executable is None:
-        reason = "Chromium is not installed: run scripts/ha-e2e-browser (Debian's chromium) to walk the frontend"
+        reason = (
+            f"{CHROMIUM_ENV}={os.environ[CHROMIUM_ENV]} is not an executable"
+            if os.environ.get(CHROMIUM_ENV)
+            else "Chromium is not installed: run scripts/ha-e2e-browser (Debian's chromium) to walk the frontend"
+        )
     try:
         from playwright.sync_api import sync_playwright  # noqa: PLC0415 - only the e2e environment has it
     except ImportError:
@@ -165,14 +172,15 @@ def open_options(page: Any, home_assistant: HomeAssistant) -> Any:
     return dialog
 
 
-def choose_model(dialog: Any, model: str) -> None:
-    """Type a model into the form's Model field (a drop-down that takes typed values) and submit."""
+def choose_model(dialog: Any, model: str, *, listed: bool = True) -> None:
+    """Pick a model in the form's Model field (a picker that takes typed values), then submit."""
     field = dialog.get_by_label("Model", exact=True)
     field.click()
-    # The picker's search box: the typed name, then the first item (the listed model, or "Add custom item").
-    search = dialog.page.locator("ha-picker-combo-box input").first
-    search.fill(model)
-    search.press("Enter")
+    picker = dialog.page.locator("ha-picker-combo-box").first
+    picker.locator("input").first.fill(model)
+    # The list filters as one types; a name it does not hold is offered as a custom item.
+    item = picker.get_by_text(model, exact=True) if listed else picker.get_by_text("Add custom item")
+    item.first.click()
     field.get_by_text(model, exact=True).wait_for()
     dialog.get_by_role("button", name="Submit").click()
 
@@ -262,7 +270,7 @@ def test_a_model_that_cannot_be_loaded(
 
     with step("browser: try a model that cannot be had"):
         dialog = open_options(page, home_assistant)
-        choose_model(dialog, UNOBTAINABLE_MODEL)
+        choose_model(dialog, UNOBTAINABLE_MODEL, listed=False)
         error = dialog.get_by_text(f"{UNOBTAINABLE_MODEL} cannot be had")
         error.wait_for(timeout=60_000)
         assert error.is_visible()
