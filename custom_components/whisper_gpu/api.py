@@ -314,14 +314,6 @@ class WhisperGpuClient:
             raise WhisperGpuConnectionError(f"Wyoming describe failed: {_describe_error(err)}") from err
         raise WhisperGpuConnectionError("The Wyoming connection closed")
 
-    async def async_transcribe(self, audio: AsyncIterable[bytes], language: str | None) -> str:
-        """Stream 16 kHz 16-bit mono audio to the server; return its transcript."""
-        async with aclosing(self.async_transcribe_updates(audio, language)) as updates:
-            async for update in updates:
-                if update.final:
-                    return update.text
-        raise WhisperGpuConnectionError("The server sent no transcript")  # pragma: no cover - updates end final
-
     async def async_transcribe_updates(
         self, audio: AsyncIterable[bytes], language: str | None
     ) -> AsyncGenerator[TranscriptUpdate]:

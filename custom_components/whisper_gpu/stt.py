@@ -99,7 +99,7 @@ class WhisperGpuSpeechToText(WhisperGpuEntity, stt.SpeechToTextEntity):
         self, metadata: stt.SpeechMetadata, stream: AsyncIterable[bytes]
     ) -> stt.SpeechResult:
         """Stream the audio to the server while it arrives; return the text (Home Assistant without partials)."""
-        async with aclosing(self._async_results(metadata, stream)) as results:
+        async with aclosing(self.async_process_audio_stream_with_progress(metadata, stream)) as results:
             async for result in results:
                 if isinstance(result, stt.SpeechResult):
                     return result
@@ -110,16 +110,11 @@ class WhisperGpuSpeechToText(WhisperGpuEntity, stt.SpeechToTextEntity):
     ) -> AsyncGenerator[Any]:
         """Stream the audio to the server; yield the text so far while it arrives, then the final result.
 
-        Home Assistant 2026.11 and later call this (`PartialSpeechResult`). The final result comes as soon as the
-        server sends it, which with its end-of-command detection is before the pipeline's audio ends: the audio
-        stops being read then, so the pipeline moves on without waiting for its own VAD.
+        Home Assistant 2026.11 and later call this; partial results exist there only (`PartialSpeechResult`).
+        The final result comes as soon as the server sends it, which with its end-of-command detection is before
+        the pipeline's audio ends: the audio stops being read then, and the pipeline moves on without waiting for
+        its own VAD.
         """
-        async with aclosing(self._async_results(metadata, stream)) as results:
-            async for result in results:
-                yield result
-
-    async def _async_results(self, metadata: stt.SpeechMetadata, stream: AsyncIterable[bytes]) -> AsyncGenerator[Any]:
-        """Partial results (where Home Assistant has them), then one final SpeechResult."""
         updates = self.coordinator.client.async_transcribe_updates(stream, metadata.language)
         try:
             async with aclosing(updates):

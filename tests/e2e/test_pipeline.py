@@ -90,7 +90,8 @@ async def test_partial_results_arrive_before_the_final_text(
 async def test_entities_go_unavailable_with_the_server_and_recover(
     home_assistant: HomeAssistant, e2e_server: E2EServer, pipeline_id: str, command: SpokenCommand
 ) -> None:
-    """Stopping the server makes our entities unavailable; when it returns they recover and transcribe again."""
+    """Stopping the server makes our entities unavailable and a pipeline run fail at once; when it returns they
+    recover and transcribe again."""
     async with home_assistant.websocket() as ws:
         entities = await ws.entities("whisper_gpu")
         assert entities
@@ -98,6 +99,11 @@ async def test_entities_go_unavailable_with_the_server_and_recover(
             e2e_server.stop()
         with step("entities become unavailable"):
             await wait_for_states(ws, entities, lambda state: state == "unavailable", timeout=60)
+        with step("pipeline run while the server is away"):
+            failed = await ws.run_stt(pipeline_id, command.audio, speech_end_s=command.speech_end_s, timeout=15)
+        # The user hears the failure at once instead of waiting for a timeout.
+        assert failed.first("error")["code"] == "stt-stream-failed"
+        assert "stt-end" not in failed.types
         with step("restart whisper-gpu"):
             e2e_server.start()
         with step("entities recover"):

@@ -72,6 +72,6 @@ async def test_a_wyoming_port_that_never_accepts_times_out(
         try:
             async with asyncio.timeout(5):
                 with pytest.raises(WhisperGpuConnectionError, match="TimeoutError"):
-                    await client.async_transcribe(audio_stream(b"\0" * 3200), "en")
+                    await anext(client.async_transcribe_updates(audio_stream(b"\0" * 3200), "en"))
         finally:
             filler.close()

@@ -2,7 +2,9 @@
 
 import asyncio
 from collections.abc import AsyncGenerator
+from pathlib import Path
 
+from helpers.speech import Utterance, synthesize
 from homeassistant.components import stt
 from homeassistant.components.assist_pipeline import (
     PipelineEvent,
@@ -12,9 +14,11 @@ from homeassistant.components.assist_pipeline import (
 )
 from homeassistant.components.assist_pipeline.pipeline import async_create_default_pipeline
 from homeassistant.core import Context, HomeAssistant
+from homeassistant.helpers.aiohttp_client import async_get_clientsession
 from homeassistant.setup import async_setup_component
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
+from custom_components.whisper_gpu.api import WhisperGpuClient
 from custom_components.whisper_gpu.const import DOMAIN
 
 from .common import UTTERANCE, WhisperGpuServer, audio_stream, metadata, setup_entry, words
@@ -148,3 +152,41 @@ async def test_the_server_ends_the_command_while_the_microphone_still_streams(
     assert result.result is stt.SpeechResultState.SUCCESS
     assert words(result.text) == UTTERANCE
     assert asyncio.get_running_loop().time() - started < speech_s + 2.5
+
+
+async def test_partial_text_arrives_while_the_audio_flows_then_the_transcript(
+    hass: HomeAssistant, server: WhisperGpuServer, speech_dir: Path
+) -> None:
+    """The client yields the text so far while the microphone streams, then the transcript, then stops reading.
+
+    Home Assistant 2026.11 turns these into PartialSpeechResult (tests/e2e checks that in a real hass); this release
+    has none, so the client's updates are checked here.
+    """
+    text = "set the living room lights to fifty percent and play some music in the kitchen"
+    pcm = Utterance(text, synthesize(text, speech_dir), clear=True).pcm()[0]
+    client = WhisperGpuClient(
+        async_get_clientsession(hass),
+        server.host,
+        wyoming_port=server.wyoming_port,
+        control_port=server.control_port,
+        token=server.token,
+    )
+    chunks_read = 0
+
+    async def counted() -> AsyncGenerator[bytes]:
+        nonlocal chunks_read
+        async for chunk in microphone(pcm):
+            chunks_read += 1
+            yield chunk
+
+    async with asyncio.timeout(len(pcm) / 32_000 + 10):
+        updates = [update async for update in client.async_transcribe_updates(counted(), "en")]
+    read_at_the_end = chunks_read
+    await asyncio.sleep(0.3)
+
+    assert [update.final for update in updates] == [False] * (len(updates) - 1) + [True], updates
+    assert len(updates) >= 2, "partial text before the transcript"
+    final_words = set(words(updates[-1].text).split())
+    assert {"living", "room", "music"} <= final_words, updates
+    assert set(words(updates[0].text).split()) & final_words, updates
+    assert chunks_read == read_at_the_end, "the microphone is no longer read once the transcript is in"
