@@ -233,6 +233,7 @@ def test_switch_the_model_in_the_options_dialog(
         dialog = open_options(page, home_assistant)
         # Language by name, detection as a switch: no raw codes.
         assert dialog.get_by_text("Detect the language").count() > 0
+        dialog.get_by_label("Language", exact=True).get_by_text("English", exact=True).wait_for()
         shoot(page, artifacts_dir, "options-form")
 
     with step("browser: switch the model"):
