@@ -177,14 +177,6 @@ class ServerStatus:
             raise WhisperGpuResponseError(f"Not the status of a whisper-gpu server: {err!r}") from err
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SettingsChange:
-    """What PATCH /api/v1/settings answered: the settings, and whether a model load runs to apply them."""
-
-    settings: dict[str, Any]
-    reload: bool
-
-
 def _model_name(value: Any) -> str | None:
     """Return the name of a model in the status: {"name": ...}, or null."""
     return _str(value["name"]) if value is not None else None
@@ -276,13 +268,9 @@ class WhisperGpuClient:
 
     async def async_update_settings(self, changes: Mapping[str, Any]) -> dict[str, Any]:
         """Change settings; return all settings as the server now has them."""
-        return (await self.async_change_settings(changes)).settings
-
-    async def async_change_settings(self, changes: Mapping[str, Any]) -> SettingsChange:
-        """Change settings; return the settings and whether a model load runs to apply them."""
         status, body = await self._request("PATCH", "/api/v1/settings", json=changes, auth=True)
         if status == HTTPStatus.OK and isinstance(body, dict):
-            return SettingsChange(settings=dict(body.get("settings") or {}), reload=body.get("reload") is True)
+            return dict(body.get("settings") or {})
         if status == HTTPStatus.UNAUTHORIZED:
             raise WhisperGpuAuthError("The server rejected the token")
         if status == HTTPStatus.BAD_REQUEST and isinstance(body, dict):

@@ -63,7 +63,7 @@ from .const import (
     SETTINGS_ERROR_CODES,
 )
 from .data import WhisperGpuConfigEntry, create_client
-from .model_load import async_wait_for_load, load_failure_key, load_failure_placeholders
+from .model_load import async_wait_for_load, load_failure_key, load_failure_placeholders, load_started
 
 PORT_SELECTOR = probatio.All(
     NumberSelector(NumberSelectorConfig(min=1, max=65535, step=1, mode=NumberSelectorMode.BOX)),
@@ -294,9 +294,13 @@ class WhisperGpuOptionsFlow(OptionsFlow):
         if user_input is not None:
             suggested = _flatten(user_input)
             changes = {name: value for name, value in suggested.items() if self._settings.get(name) != value}
+            before: LoadFailure | None = None
+            loading = False
             try:
-                before = (await client.async_get_status()).last_failure if changes else None
-                change = await client.async_change_settings(changes) if changes else None
+                if changes:
+                    before = (await client.async_get_status()).last_failure
+                    self._settings = await client.async_update_settings(changes)
+                    loading = load_started(await client.async_get_status(), before)
             except WhisperGpuAuthError:
                 self.config_entry.async_start_reauth(self.hass)
                 errors["base"] = "invalid_auth"
@@ -306,12 +310,9 @@ class WhisperGpuOptionsFlow(OptionsFlow):
                 errors["base"] = "cannot_connect"
             else:
                 await self._async_refresh_entry()
-                if change is None:
+                if not loading:
                     return self._async_saved()
-                self._settings = change.settings
-                if not change.reload:
-                    return self._async_saved()
-                self._loading_model = str(change.settings.get(SETTING_MODEL, ""))
+                self._loading_model = str(self._settings.get(SETTING_MODEL, ""))
                 self._load = self.hass.async_create_task(async_wait_for_load(client, before))
                 return await self.async_step_load()
 

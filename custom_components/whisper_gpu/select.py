@@ -59,7 +59,7 @@ class WhisperGpuModelSelect(WhisperGpuEntity, SelectEntity):
         client = self.coordinator.client
         try:
             before = (await client.async_get_status()).last_failure
-            change = await client.async_change_settings({SETTING_MODEL: option})
+            settings = await client.async_update_settings({SETTING_MODEL: option})
         except WhisperGpuAuthError as err:
             entry.async_start_reauth(self.hass)
             raise HomeAssistantError(translation_domain=DOMAIN, translation_key="invalid_auth") from err
@@ -83,12 +83,12 @@ class WhisperGpuModelSelect(WhisperGpuEntity, SelectEntity):
             entry,
             options={
                 **entry.options,
-                SETTING_MODEL: change.settings.get(SETTING_MODEL, option),
+                SETTING_MODEL: settings.get(SETTING_MODEL, option),
             },
         )
         await self.coordinator.async_request_refresh()
-        if change.reload:
-            await self._async_wait_for_load(option, before)
+        # Returns at once when the server had nothing to load (the model it serves already).
+        await self._async_wait_for_load(option, before)
 
     async def _async_wait_for_load(self, option: str, before: LoadFailure | None) -> None:
         """Follow the load to its end; raise the translated reason when it failed."""
