@@ -155,14 +155,14 @@ def test_every_error_and_reason_is_translated() -> None:
 
 
 async def test_entity_icons(hass: HomeAssistant) -> None:
-    """Each entity has its own icon (the duration sensor has its device class's); each model state one too."""
+    """Each entity has its own icon; each model state one too."""
     icons = (await async_get_icons(hass, "entity", integrations=[DOMAIN]))[DOMAIN]
     strings = load(INTEGRATION / "strings.json")
     entities = strings["entity"]
     assert isinstance(entities, dict)
     named = {(platform, key) for platform, keys in entities.items() for key in keys}
     with_icons = {(platform, key) for platform, keys in icons.items() for key in keys}
-    assert with_icons == named - {("sensor", "last_request_duration")}
+    assert with_icons == named
     assert all(icon["default"].startswith("mdi:") for keys in icons.values() for icon in keys.values())
     assert set(icons["sensor"]["model_state"]["state"]) == set(MODEL_STATES)
 

@@ -256,7 +256,6 @@ async def test_options_model_switch_shows_the_load_and_ends_when_it_serves(
     assert result["type"] is FlowResultType.CREATE_ENTRY
     _, status = server.request("GET", "/api/v1/status")
     assert (status["state"], status["model"]["name"], status["target"]) == ("ready", SECOND_MODEL, None)
-    assert config_entry.options["model"] == SECOND_MODEL
     await hass.async_block_till_done(wait_background_tasks=True)
     assert hass.states.get("sensor.whisper_gpu_loaded_model").state == SECOND_MODEL
 
@@ -295,7 +294,6 @@ async def test_options_model_that_cannot_be_had_offline(
 
     result = await hass.config_entries.options.async_configure(result["flow_id"], form_input(server.settings()))
     assert result["type"] is FlowResultType.CREATE_ENTRY
-    assert config_entry.options["model"] == TEST_MODEL
     await poll(hass)
     assert hass.states.get("sensor.whisper_gpu_model_state").state == "ready"
     assert issue_registry.async_get_issue(DOMAIN, f"model_failed_{config_entry.entry_id}") is None
