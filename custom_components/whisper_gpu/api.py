@@ -123,6 +123,28 @@ class ServerInfo:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LoadFailure:
+    """The last model load that failed (`last_failure` in the status); kept until a load succeeds."""
+
+    code: str
+    message: str
+    model: str
+    time: str
+
+    @classmethod
+    def from_json(cls, data: Any) -> LoadFailure | None:
+        """Parse `last_failure` (null when the last load worked)."""
+        if data is None:
+            return None
+        return cls(
+            code=_str(data["code"]),
+            message=_str(data["message"]),
+            model=_str(data["model"]),
+            time=_str(data["time"]),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ServerStatus:
     """What GET /api/v1/status says about the model and the requests."""
 
@@ -131,6 +153,7 @@ class ServerStatus:
     target: str | None
     error_code: str | None
     error_message: str | None
+    last_failure: LoadFailure | None
     last_request_ms: float | None
     raw: dict[str, Any]
 
@@ -146,6 +169,7 @@ class ServerStatus:
                 target=_model_name(data.get("target")),
                 error_code=error.get("code"),
                 error_message=error.get("message"),
+                last_failure=LoadFailure.from_json(data.get("last_failure")),
                 last_request_ms=last_request.get("duration_ms"),
                 raw=data,
             )
