@@ -164,9 +164,14 @@ async def test_options_flow_sends_only_what_changed(
     await setup_integration(hass, mock_config_entry)
     settings = mock_client.async_get_settings.return_value
 
+    # The form's own fields beside the server's settings: the language switch and sending the names.
+    shown = {**settings, "detect_language": settings["language"] == "auto", "send_names": True}
+    if shown["detect_language"]:
+        shown["language"] = "en"
+
     result = await hass.config_entries.options.async_init(mock_config_entry.entry_id)
     form = {
-        str(section_key): {str(key): settings[str(key)] for key in section.schema.schema}
+        str(section_key): {str(key): shown[str(key)] for key in section.schema.schema}
         for section_key, section in result["data_schema"].schema.items()
     }
     form["decoding"]["beam_size"] = settings["beam_size"] + 1
@@ -174,7 +179,7 @@ async def test_options_flow_sends_only_what_changed(
 
     assert result["type"] is FlowResultType.CREATE_ENTRY
     mock_client.async_update_settings.assert_awaited_once_with({"beam_size": settings["beam_size"] + 1})
-    assert mock_config_entry.options == {}
+    assert mock_config_entry.options == {"send_names": True}, "only the integration's own option"
 
 
 @pytest.mark.parametrize(
