@@ -12,14 +12,8 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .service import (
-    ModelNotReadyError,
-    ReloadInProgressError,
-    RestoreFailedError,
-    Service,
-    SettingsNotSavedError,
-    SettingsRejectedError,
-)
+from .model_manager import RestoreFailedError, SettingsNotSavedError
+from .service import ModelNotReadyError, ReloadInProgressError, Service, SettingsRejectedError
 
 _LOGGER = logging.getLogger(__name__)
 

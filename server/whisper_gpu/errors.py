@@ -14,3 +14,7 @@ class CodedError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class RequestError(CodedError):
+    """A request the service cannot serve; the code goes to the client in a Wyoming `error` event."""

@@ -25,10 +25,9 @@ from wyoming.ping import Ping, Pong
 from . import __version__
 from .audio import AudioBuffer, AudioFormatError, PcmFormat
 from .engine import TranscriptResult
-from .errors import CodedError
+from .errors import CodedError, RequestError
 from .inference import Urgency
 from .live import LiveRequest, LiveSettings
-from .service import RequestError
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import ast
 import inspect
 
 from whisper_gpu import control
-from whisper_gpu.service import ModelState
+from whisper_gpu.model_manager import ModelState
 from whisper_gpu.settings import RUNTIME_SETTINGS, SETTINGS, ErrorCode
 
 from custom_components.whisper_gpu import coordinator, sensor
