@@ -1,8 +1,8 @@
 """Every kustomization renders, every object is valid Kubernetes, and the deployment keeps its promises.
 
 Each overlay is built, and each component on top of the base, with `kubectl kustomize`; core objects are
-validated strictly with kubernetes-validate, the ServiceMonitor (a custom resource it has no schema for)
-field by field here.
+validated strictly with kubernetes-validate, the ServiceMonitor and the cert-manager Certificate (custom
+resources it has no schema for) field by field here.
 """
 
 from __future__ import annotations
@@ -45,7 +45,21 @@ SERVICEMONITOR_ENDPOINT_FIELDS = {
     "params", "path", "port", "proxyConnectHeader", "proxyFromEnvironment", "proxyUrl", "relabelings", "scheme",
     "scrapeTimeout", "targetPort", "tlsConfig", "trackTimestampsStaleness",
 }  # fmt: skip
+CERTIFICATE_SPEC_FIELDS = {
+    "additionalOutputFormats", "commonName", "dnsNames", "duration", "emailAddresses", "encodeUsagesInRequest",
+    "ipAddresses", "isCA", "issuerRef", "keystores", "literalSubject", "nameConstraints", "otherNames",
+    "privateKey", "renewBefore", "renewBeforePercentage", "revisionHistoryLimit", "secretName",
+    "secretTemplate", "signatureAlgorithm", "subject", "uris", "usages",
+}  # fmt: skip
+CERTIFICATE_USAGES = {
+    "signing", "digital signature", "content commitment", "key encipherment", "key agreement",
+    "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any", "server auth",
+    "client auth", "code signing", "email protection", "s/mime", "ipsec end system", "ipsec tunnel",
+    "ipsec user", "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc",
+}  # fmt: skip
+CUSTOM_GROUPS = ("monitoring.coreos.com/", "cert-manager.io/")
 CLUSTER_SCOPED = {"Namespace"}
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 
 
 def kustomization_dirs(kind: str) -> list[Path]:
@@ -78,8 +92,17 @@ class Build:
         return matches[0]
 
     @property
+    def workload(self) -> dict[str, Any]:
+        """The server's pods: the base's Deployment, or the StatefulSet of overlays/replicas."""
+        matches = [
+            obj for kind in WORKLOAD_KINDS for obj in self.of_kind(kind) if obj["metadata"]["name"] == "whisper-gpu"
+        ]
+        assert len(matches) == 1, f"{self.name}: expected one Deployment or StatefulSet whisper-gpu"
+        return matches[0]
+
+    @property
     def pod(self) -> dict[str, Any]:
-        return self.one("Deployment", "whisper-gpu")["spec"]["template"]
+        return self.workload["spec"]["template"]
 
     @property
     def container(self) -> dict[str, Any]:
@@ -125,12 +148,16 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> list[Build]:
         name = component.name
         rendered.append(Build(f"base+{name}", compose(work / name, [base], [component]), {name}))
     # Components are meant to be combined: the GPU node reached from outside and monitored, and the CPU variant.
-    combinations = {
-        "overlays/gpu": ["servicemonitor", "external-loadbalancer"],
-        "overlays/yeezyai": ["servicemonitor", "external-loadbalancer"],
-        "overlays/cpu": ["servicemonitor", "external-nodeport"],
-    }
-    for overlay, names in combinations.items():
+    # The TLS component after the ServiceMonitor, as its comment asks, so that both are patched.
+    combinations = [
+        ("overlays/gpu", ["servicemonitor", "external-loadbalancer"]),
+        ("overlays/gpu", ["servicemonitor", "external-loadbalancer", "control-tls"]),
+        ("overlays/yeezyai", ["servicemonitor", "external-loadbalancer"]),
+        ("overlays/cpu", ["servicemonitor", "external-nodeport"]),
+        ("overlays/replicas", ["servicemonitor", "control-tls"]),
+        ("overlays/replicas", ["servicemonitor", "external-loadbalancer", "control-tls"]),
+    ]
+    for overlay, names in combinations:
         paths = [KUSTOMIZE / "components" / name for name in names]
         label = f"{overlay}+{'+'.join(names)}"
         rendered.append(Build(label, compose(work / label.replace("/", "_"), [KUSTOMIZE / overlay], paths), set(names)))
@@ -145,16 +172,18 @@ def each(builds: list[Build]) -> Iterator[tuple[Build, dict[str, Any]]]:
 
 def test_every_overlay_and_component_is_rendered(builds: list[Build]) -> None:
     names = {build.name for build in builds}
-    assert {"base", "overlays/gpu", "overlays/yeezyai", "overlays/cpu"} <= names
+    assert {"base", "overlays/gpu", "overlays/yeezyai", "overlays/cpu", "overlays/replicas"} <= names
     used = set().union(*(build.components for build in builds))
     assert used == {component.name for component in COMPONENTS}
-    assert {"node-yeezyai", "cpu-only", "external-loadbalancer", "external-nodeport", "servicemonitor"} <= used
+    assert {
+        "node-yeezyai", "cpu-only", "external-loadbalancer", "external-nodeport", "servicemonitor", "control-tls"
+    } <= used  # fmt: skip
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_every_core_object_is_valid(builds: list[Build], version: str) -> None:
     for build, obj in each(builds):
-        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+        if obj["apiVersion"].startswith(CUSTOM_GROUPS):
             continue
         try:
             kubernetes_validate.validate(obj, version, strict=True)
@@ -172,7 +201,7 @@ def test_everything_lives_in_the_whisper_namespace(builds: list[Build]) -> None:
 def test_the_seed_names_are_kept(builds: list[Build]) -> None:
     for build in builds:
         build.one("Namespace", NAMESPACE)
-        build.one("Deployment", "whisper-gpu")
+        assert build.workload
         build.one("ConfigMap", "whisper-gpu-configmap")
         service = build.one("Service", "whisper-gpu")
         assert service["spec"]["type"] == "ClusterIP"
@@ -194,11 +223,14 @@ def test_configmap_holds_server_settings(builds: list[Build], server_settings: d
         assert set(env) <= set(by_env), f"{build.name}: container env names that are no settings"
 
 
-def test_one_hardened_replica(builds: list[Build]) -> None:
+def test_hardened_replicas(builds: list[Build]) -> None:
     for build in builds:
-        deployment = build.one("Deployment", "whisper-gpu")
-        assert deployment["spec"]["replicas"] == 1
-        assert deployment["spec"]["strategy"]["type"] == "Recreate", "one GPU and a ReadWriteOnce volume"
+        workload = build.workload
+        if workload["kind"] == "Deployment":
+            assert workload["spec"]["replicas"] == 1
+            assert workload["spec"]["strategy"]["type"] == "Recreate", "one GPU and a ReadWriteOnce volume"
+        else:
+            assert workload["spec"]["replicas"] >= 2, f"{build.name}: a StatefulSet is for several replicas"
         pod = build.pod["spec"]
         assert pod["securityContext"]["runAsUser"] == 1000
         assert pod["securityContext"]["runAsNonRoot"] is True
@@ -215,8 +247,14 @@ def test_data_and_tmp_are_the_writable_places(builds: list[Build]) -> None:
     for build in builds:
         mounts = {mount["mountPath"]: mount for mount in build.container["volumeMounts"]}
         volumes = {volume["name"]: volume for volume in build.pod["spec"]["volumes"]}
-        data = volumes[mounts["/data"]["name"]]
-        claim = build.one("PersistentVolumeClaim", data["persistentVolumeClaim"]["claimName"])
+        if build.workload["kind"] == "StatefulSet":
+            assert mounts["/data"]["name"] not in volumes, "each replica's /data is its own claim"
+            templates = {claim["metadata"]["name"]: claim for claim in build.workload["spec"]["volumeClaimTemplates"]}
+            claim = templates[mounts["/data"]["name"]]
+            assert not build.of_kind("PersistentVolumeClaim"), "no volume shared between replicas"
+        else:
+            data = volumes[mounts["/data"]["name"]]
+            claim = build.one("PersistentVolumeClaim", data["persistentVolumeClaim"]["claimName"])
         assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
         assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
         for path, mount in mounts.items():
