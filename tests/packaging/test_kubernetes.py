@@ -477,3 +477,112 @@ def test_servicemonitor_scrapes_the_control_port(builds: list[Build]) -> None:
 def _seconds(duration: str) -> float:
     units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
     return sum(float(n) * units[u] for n, u in re.findall(r"(\d+)(ms|[smhdwy])", duration))
+
+
+def _replicas_builds(builds: list[Build]) -> list[Build]:
+    found = [build for build in builds if build.name.startswith("overlays/replicas")]
+    assert found
+    return found
+
+
+def test_replicas_each_have_a_gpu_a_cache_and_a_node_of_their_own(builds: list[Build]) -> None:
+    for build in _replicas_builds(builds):
+        statefulset = build.one("StatefulSet", "whisper-gpu")
+        spec = statefulset["spec"]
+        assert spec["replicas"] >= 2
+        assert build.container["resources"]["limits"]["nvidia.com/gpu"] == 1, "one GPU per replica"
+        (claim,) = spec["volumeClaimTemplates"]
+        assert claim["metadata"]["name"] == "data"
+        assert claim["spec"]["resources"]["requests"]["storage"] == "10Gi", "a model cache per replica"
+        (term,) = build.pod["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        assert term["labelSelector"]["matchLabels"].items() <= build.pod["metadata"]["labels"].items()
+        assert spec["selector"]["matchLabels"].items() <= build.pod["metadata"]["labels"].items()
+
+
+def test_the_control_name_resolves_to_every_replica(builds: list[Build]) -> None:
+    """Headless, ready or not: one address per pod for the integration; Wyoming balanced over ready pods only."""
+    for build in _replicas_builds(builds):
+        control = build.one("Service", "whisper-gpu-control")
+        assert control["spec"]["clusterIP"] == "None"
+        assert control["spec"]["publishNotReadyAddresses"] is True
+        assert build.one("StatefulSet", "whisper-gpu")["spec"]["serviceName"] == "whisper-gpu-control"
+        wyoming = build.one("Service", "whisper-gpu")
+        assert wyoming["spec"].get("clusterIP") != "None", "Wyoming clients get one balanced address"
+        assert not wyoming["spec"].get("publishNotReadyAddresses")
+
+
+def test_a_drain_takes_one_replica_at_a_time(builds: list[Build]) -> None:
+    for build in _replicas_builds(builds):
+        budget = build.one("PodDisruptionBudget", "whisper-gpu")["spec"]
+        assert budget["selector"]["matchLabels"].items() <= build.pod["metadata"]["labels"].items()
+        replicas = build.one("StatefulSet", "whisper-gpu")["spec"]["replicas"]
+        unavailable = budget.get("maxUnavailable", replicas - budget.get("minAvailable", replicas))
+        assert 1 <= unavailable < replicas
+
+
+def test_the_autoscaler_follows_a_metric_the_server_exports(builds: list[Build]) -> None:
+    from whisper_gpu.metrics import Metrics  # noqa: PLC0415 - the server package, only for this check
+
+    exported = {family.name: family.type for family in Metrics(lambda: None).registry.collect()}
+    for build in _replicas_builds(builds):
+        autoscaler = build.one("HorizontalPodAutoscaler", "whisper-gpu")
+        assert autoscaler["apiVersion"] == "autoscaling/v2"
+        spec = autoscaler["spec"]
+        assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "whisper-gpu"}
+        assert 2 <= spec["minReplicas"] <= spec["maxReplicas"]
+        (metric,) = spec["metrics"]
+        assert metric["type"] == "Pods"
+        name = metric["pods"]["metric"]["name"]
+        assert name == "whisper_gpu_requests_queued"
+        assert exported.get(name) == "gauge", f"{name} is no gauge the server exports"
+        assert metric["pods"]["target"]["type"] == "AverageValue"
+
+
+def test_the_replicas_pod_is_the_base_pod(builds: list[Build]) -> None:
+    """statefulset.yaml repeats the base's pod: it may differ only in anti-affinity and where /data comes from."""
+    (base,) = [build for build in builds if build.name == "overlays/gpu"]
+    (replicas,) = [build for build in builds if build.name == "overlays/replicas"]
+
+    def comparable(pod: dict[str, Any]) -> dict[str, Any]:
+        spec = {key: value for key, value in pod["spec"].items() if key != "affinity"}
+        spec["volumes"] = [volume for volume in spec["volumes"] if volume["name"] != "data"]
+        return {"metadata": pod["metadata"], "spec": spec}
+
+    assert comparable(replicas.pod) == comparable(base.pod)
+
+
+def test_the_tls_component_serves_the_control_port_from_the_certificate(builds: list[Build]) -> None:
+    tls_builds = [build for build in builds if "control-tls" in build.components]
+    assert {build.workload["kind"] for build in tls_builds} == {"Deployment", "StatefulSet"}
+    for build in tls_builds:
+        (certificate,) = build.of_kind("Certificate")
+        assert certificate["apiVersion"] == "cert-manager.io/v1"
+        spec = certificate["spec"]
+        assert set(spec) <= CERTIFICATE_SPEC_FIELDS, set(spec) - CERTIFICATE_SPEC_FIELDS
+        assert set(spec["usages"]) <= CERTIFICATE_USAGES
+        assert "server auth" in spec["usages"]
+        assert {"kind", "name"} <= set(spec["issuerRef"])
+        assert _seconds(spec["renewBefore"]) < _seconds(spec["duration"])
+        names = set(spec["dnsNames"])
+        assert {"whisper-gpu-control.whisper.svc", "*.whisper-gpu-control.whisper.svc.cluster.local"} <= names
+        env = {item["name"]: item["value"] for item in build.container["env"]}
+        cert, key = Path(env["CONTROL_TLS_CERT"]), Path(env["CONTROL_TLS_KEY"])
+        assert cert.parent == key.parent
+        mount = next(m for m in build.container["volumeMounts"] if Path(m["mountPath"]) == cert.parent)
+        assert mount["readOnly"] is True
+        volume = next(v for v in build.pod["spec"]["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["secretName"] == spec["secretName"]
+        assert {"key": "tls.crt", "path": cert.name} in volume["secret"]["items"]
+        assert {"key": "tls.key", "path": key.name} in volume["secret"]["items"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert build.container[probe]["httpGet"]["scheme"] == "HTTPS", "the port answers nothing else"
+        for monitor in build.of_kind("ServiceMonitor"):
+            (endpoint,) = monitor["spec"]["endpoints"]
+            assert endpoint["scheme"] == "https"
+            assert endpoint["tlsConfig"]["ca"]["secret"] == {"name": spec["secretName"], "key": "ca.crt"}
+            assert endpoint["tlsConfig"]["serverName"] in names
+    for build in builds:
+        if "control-tls" not in build.components:
+            assert "CONTROL_TLS_CERT" not in {item["name"] for item in build.container["env"]}
+            assert build.container["readinessProbe"]["httpGet"].get("scheme", "HTTP") == "HTTP"
