@@ -586,3 +586,23 @@ def test_the_tls_component_serves_the_control_port_from_the_certificate(builds: 
         if "control-tls" not in build.components:
             assert "CONTROL_TLS_CERT" not in {item["name"] for item in build.container["env"]}
             assert build.container["readinessProbe"]["httpGet"].get("scheme", "HTTP") == "HTTP"
+
+
+def test_the_documented_adapter_rule_offers_the_autoscalers_metric_per_pod(builds: list[Build]) -> None:
+    """The Prometheus adapter rule in docs/deploy.md names the HPA's metric and maps it onto pods."""
+    text = (REPO / "docs" / "deploy.md").read_text(encoding="utf-8")
+    match = re.search(r"```yaml\n# prometheus-adapter rules.*?\n(.*?)```", text, re.DOTALL)
+    assert match, "docs/deploy.md shows the adapter rule"
+    (rule,) = yaml.safe_load(match.group(1))
+    (replicas,) = [build for build in builds if build.name == "overlays/replicas"]
+    (metric,) = replicas.one("HorizontalPodAutoscaler", "whisper-gpu")["spec"]["metrics"]
+    name = metric["pods"]["metric"]["name"]
+    assert rule["seriesQuery"].startswith(name + "{")
+    assert re.fullmatch(rule["name"]["matches"], name)
+    assert rule["name"]["as"] == name
+    assert rule["resources"]["overrides"] == {
+        "namespace": {"resource": "namespace"},
+        "pod": {"resource": "pod"},
+    }
+    for placeholder in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
+        assert placeholder in rule["metricsQuery"]
