@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientSession, web
-from helpers.tls import self_signed
+from helpers.tls import issued_by_a_ca, self_signed
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers.aiohttp_client import async_get_clientsession
 
@@ -89,11 +89,20 @@ async def test_a_wyoming_port_that_never_accepts_times_out(
 SERVICE_NAME = "whisper-gpu-control.whisper.svc"
 
 
+@pytest.mark.parametrize("issuer", ["self-signed", "ca"])
 async def test_an_https_control_port_is_verified_against_the_given_ca(
-    hass: HomeAssistant, own_server: WhisperGpuServer, tmp_path: Path
+    hass: HomeAssistant, own_server: WhisperGpuServer, tmp_path: Path, issuer: str
 ) -> None:
-    """A real server with a self-signed certificate for the Service's name (not for the address connected to)."""
-    own_server.tls = self_signed(tmp_path / "tls", ip="192.0.2.1", dns=SERVICE_NAME)
+    """A real server with a certificate for the Service's name (not for the address connected to).
+
+    Self-signed (the client is given that certificate), or issued by a CA as cert-manager does (given ca.crt).
+    """
+    if issuer == "self-signed":
+        own_server.tls = self_signed(tmp_path / "tls", ip="192.0.2.1", dns=SERVICE_NAME)
+        ca_pem = own_server.tls.pem
+    else:
+        own_server.tls, ca_file = issued_by_a_ca(tmp_path / "tls", ip="192.0.2.1", dns=SERVICE_NAME)
+        ca_pem = ca_file.read_text(encoding="ascii")
     own_server.start(wait=False)
     session = async_get_clientsession(hass)
 
@@ -107,7 +116,7 @@ async def test_an_https_control_port_is_verified_against_the_given_ca(
             **tls,
         )
 
-    trusted = client(tls=True, ca_pem=own_server.tls.pem, server_hostname=SERVICE_NAME)
+    trusted = client(tls=True, ca_pem=ca_pem, server_hostname=SERVICE_NAME)
     async with asyncio.timeout(120):
         while True:  # until the model is loaded, so that a settings change is taken
             try:
@@ -121,11 +130,11 @@ async def test_an_https_control_port_is_verified_against_the_given_ca(
     await trusted.async_check_auth()
     assert (await trusted.async_update_settings({"beam_size": 3}))["beam_size"] == 3
     with pytest.raises(WhisperGpuAuthError):  # HTTPS or not, the token is still required
-        await client("wrong", tls=True, ca_pem=own_server.tls.pem, server_hostname=SERVICE_NAME).async_check_auth()
+        await client("wrong", tls=True, ca_pem=ca_pem, server_hostname=SERVICE_NAME).async_check_auth()
 
     # The certificate names the Service, not 127.0.0.1: without the name the host check fails.
     with pytest.raises(WhisperGpuCertificateError):
-        await client(tls=True, ca_pem=own_server.tls.pem).async_get_info()
+        await client(tls=True, ca_pem=ca_pem).async_get_info()
     # The system's trust store does not know a self-signed certificate.
     with pytest.raises(WhisperGpuCertificateError):
         await client(tls=True, server_hostname=SERVICE_NAME).async_get_info()

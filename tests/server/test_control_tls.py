@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from helpers.server import READY_TIMEOUT_S, TOKEN, ServerProcess, run_cli
-from helpers.tls import self_signed
+from helpers.tls import issued_by_a_ca, self_signed
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -58,11 +58,20 @@ async def test_the_control_port_speaks_only_https_and_still_wants_the_token(
     assert TOKEN not in server.log()
 
 
+@pytest.mark.parametrize("issuer", ["self-signed", "ca"])
 def test_health_trusts_exactly_the_servers_own_certificate(
-    start_server: Callable[..., ServerProcess], tmp_path: Path
+    start_server: Callable[..., ServerProcess], tmp_path: Path, issuer: str
 ) -> None:
-    """The certificate names the Service, not the loopback address; the local check still passes, a stranger not."""
-    own = self_signed(tmp_path / "own", ip="192.0.2.1", dns="whisper-gpu-control.whisper.svc")
+    """The certificate names the Service, not the loopback address; the local check still passes, a stranger not.
+
+    Both kinds: a self-signed one, and a leaf issued by a CA with the chain in tls.crt (what cert-manager writes).
+    """
+    names = {"ip": "192.0.2.1", "dns": "whisper-gpu-control.whisper.svc"}
+    own = (
+        self_signed(tmp_path / "own", **names)
+        if issuer == "self-signed"
+        else issued_by_a_ca(tmp_path / "own", **names)[0]
+    )
     # The test's own client could not check this name, so readiness is awaited with the CLI under test.
     server = start_server(tls=own, args=["--compute-type", "int8"], wait=False)
     deadline = time.monotonic() + READY_TIMEOUT_S
