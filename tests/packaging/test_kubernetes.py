@@ -606,3 +606,24 @@ def test_the_documented_adapter_rule_offers_the_autoscalers_metric_per_pod(build
     }
     for placeholder in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
         assert placeholder in rule["metricsQuery"]
+
+
+def test_the_documented_tls_overlay_sets_the_issuer_and_the_outside_name(tmp_path: Path) -> None:
+    """The TLS example in docs/deploy.md renders on top of the replicas overlay and does what it says."""
+    text = (REPO / "docs" / "deploy.md").read_text(encoding="utf-8")
+    tls_section = text[text.index("### TLS on the control port") :]
+    match = re.search(r"```yaml\n(components:\n.*?)```", tls_section, re.DOTALL)
+    assert match, "docs/deploy.md shows how to set the issuer"
+    (tmp_path / "deploy").symlink_to(KUSTOMIZE.parent)
+    overlay = tmp_path / "my-whisper"
+    overlay.mkdir()
+    head = "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n"
+    head += "  - ../deploy/kubernetes/overlays/replicas\n"
+    (overlay / "kustomization.yaml").write_text(head + match.group(1), encoding="utf-8")
+    build = Build("my-whisper", kustomize(overlay), {"servicemonitor", "control-tls"})
+    (certificate,) = build.of_kind("Certificate")
+    assert certificate["spec"]["issuerRef"]["kind"] == "Issuer"
+    assert "whisper.example.lan" in certificate["spec"]["dnsNames"]
+    (monitor,) = build.of_kind("ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["scheme"] == "https"
+    assert build.container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
