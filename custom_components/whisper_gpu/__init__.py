@@ -9,6 +9,7 @@ from .api import WhisperGpuError
 from .const import DOMAIN
 from .coordinator import WhisperGpuCoordinator, model_failed_issue_id
 from .data import WhisperGpuConfigEntry, WhisperGpuData, create_client
+from .names import AssistNames
 
 PLATFORMS = [Platform.BUTTON, Platform.SELECT, Platform.SENSOR, Platform.STT]
 
@@ -27,7 +28,9 @@ async def async_setup_entry(hass: HomeAssistant, entry: WhisperGpuConfigEntry) -
             translation_placeholders={"error": str(err)},
         ) from err
 
-    entry.runtime_data = WhisperGpuData(coordinator=coordinator, asr=asr)
+    names = AssistNames(hass)
+    entry.async_on_unload(names.async_start())
+    entry.runtime_data = WhisperGpuData(coordinator=coordinator, asr=asr, names=names)
     await hass.config_entries.async_forward_entry_setups(entry, PLATFORMS)
     return True
 

@@ -128,6 +128,28 @@ class ServerInfo:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LoadFailure:
+    """The last model load that failed (`last_failure` in the status); kept until a load succeeds."""
+
+    code: str
+    message: str
+    model: str
+    time: str
+
+    @classmethod
+    def from_json(cls, data: Any) -> LoadFailure | None:
+        """Parse `last_failure` (null when the last load worked)."""
+        if data is None:
+            return None
+        return cls(
+            code=_str(data["code"]),
+            message=_str(data["message"]),
+            model=_str(data["model"]),
+            time=_str(data["time"]),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ServerStatus:
     """What GET /api/v1/status says about the model and the requests."""
 
@@ -136,6 +158,7 @@ class ServerStatus:
     target: str | None
     error_code: str | None
     error_message: str | None
+    last_failure: LoadFailure | None
     last_request_ms: float | None
     raw: dict[str, Any]
 
@@ -151,6 +174,7 @@ class ServerStatus:
                 target=_model_name(data.get("target")),
                 error_code=error.get("code"),
                 error_message=error.get("message"),
+                last_failure=LoadFailure.from_json(data.get("last_failure")),
                 last_request_ms=last_request.get("duration_ms"),
                 raw=data,
             )
@@ -332,9 +356,11 @@ class WhisperGpuClient:
         raise WhisperGpuConnectionError("The Wyoming connection closed")
 
     async def async_transcribe_updates(
-        self, audio: AsyncIterable[bytes], language: str | None
+        self, audio: AsyncIterable[bytes], language: str | None, names: list[str] | None = None
     ) -> AsyncGenerator[TranscriptUpdate]:
         """Stream 16 kHz 16-bit mono audio to the server; yield its text so far, then the final transcript.
+
+        `names` (of the home) go in the request's `transcript_names`, for the server to spell them right.
 
         The upload and the read run at the same time: partial text arrives while the audio still flows, the
         final transcript may come before the audio ends (the server heard the end of the command), and an error
@@ -346,7 +372,7 @@ class WhisperGpuClient:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 await client.connect()
             try:
-                async with aclosing(_async_stream_and_receive(client, audio, language)) as updates:
+                async with aclosing(_async_stream_and_receive(client, audio, language, names)) as updates:
                     async for update in updates:
                         yield update
                         if update.final:
@@ -359,10 +385,10 @@ class WhisperGpuClient:
 
 
 async def _async_stream_and_receive(
-    client: AsyncTcpClient, audio: AsyncIterable[bytes], language: str | None
+    client: AsyncTcpClient, audio: AsyncIterable[bytes], language: str | None, names: list[str] | None
 ) -> AsyncGenerator[TranscriptUpdate]:
     """Send the request and its audio while reading the answer; yield partial text, then the transcript."""
-    await client.write_event(Transcribe(language=language).event())
+    await client.write_event(Transcribe(language=language, transcript_names=names or None).event())
     await client.write_event(AudioStart(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=SAMPLE_CHANNELS).event())
     upload = asyncio.create_task(_async_upload(client, audio))
     try:

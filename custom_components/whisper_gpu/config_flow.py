@@ -1,5 +1,6 @@
 """Config flow and options flow of the whisper-gpu integration."""
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any, override
 
@@ -16,6 +17,8 @@ from homeassistant.core import callback
 from homeassistant.data_entry_flow import section
 from homeassistant.helpers.selector import (
     BooleanSelector,
+    LanguageSelector,
+    LanguageSelectorConfig,
     NumberSelector,
     NumberSelectorConfig,
     NumberSelectorMode,
@@ -30,6 +33,7 @@ from homeassistant.helpers.service_info.hassio import HassioServiceInfo
 from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 
 from .api import (
+    LoadFailure,
     ServerInfo,
     WhisperGpuAuthError,
     WhisperGpuConnectionError,
@@ -44,7 +48,11 @@ from .const import (
     DEFAULT_CONTROL_PORT,
     DEFAULT_WYOMING_PORT,
     DOMAIN,
+    LANGUAGE_AUTO,
+    LOCAL_DEFAULTS,
+    LOCAL_OPTIONS,
     OPTION_SECTIONS,
+    SECTION_MODEL,
     SECTION_VAD,
     SETTING_COMPUTE_TYPE,
     SETTING_LANGUAGE,
@@ -53,6 +61,7 @@ from .const import (
     SETTINGS_ERROR_CODES,
 )
 from .data import WhisperGpuConfigEntry, create_client
+from .model_load import async_wait_for_load, load_failure_key, load_failure_placeholders, load_started
 
 PORT_SELECTOR = probatio.All(
     NumberSelector(NumberSelectorConfig(min=1, max=65535, step=1, mode=NumberSelectorMode.BOX)),
@@ -69,6 +78,9 @@ CONNECTION_SCHEMA = probatio.Schema(
     }
 )
 TOKEN_SCHEMA = probatio.Schema({probatio.Required(CONF_TOKEN): TOKEN_SELECTOR})
+
+# The options form's switch for the language setting's `auto`: detect the spoken language.
+FIELD_DETECT_LANGUAGE = "detect_language"
 
 # Units shown beside the voice activity detection values, by setting name suffix.
 UNITS = {"_ms": "ms", "_s": "s"}
@@ -247,17 +259,25 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
 
 
 class WhisperGpuOptionsFlow(OptionsFlow):
-    """The server's settings, read from it and sent back to it.
+    """The server's settings, read from it and sent back to it, and the integration's own options.
 
-    The server is the only place they are kept (entry.options stays empty); the
-    form sends only what the user changed, so a setting the operator changed on
-    the server stays as it is.
+    The server is the only place its settings are kept; the form sends only what
+    the user changed, so a setting the operator changed on the server stays as it
+    is. entry.options holds only the integration's own options (sending the names
+    of the home). A change that loads a model shows the load's progress and ends
+    when the server serves the new model, or back at the form with the reason it
+    failed.
     """
 
     def __init__(self) -> None:
         """Start before the server has been read."""
         self._info: ServerInfo | None = None
         self._settings: dict[str, Any] = {}
+        self._load: asyncio.Task[LoadFailure | None] | None = None
+        self._loading_model = ""
+        self._errors: dict[str, str] = {}
+        self._placeholders: dict[str, str] = {}
+        self._local: dict[str, Any] = {}
 
     async def async_step_init(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
         """Show the settings in sections; PATCH what changed."""
@@ -269,14 +289,26 @@ class WhisperGpuOptionsFlow(OptionsFlow):
             except WhisperGpuError:
                 return self.async_abort(reason="cannot_connect")
 
-        errors: dict[str, str] = {}
-        suggested = self._settings
+        # After a failed load: the reason, and the settings the server kept.
+        errors, self._errors = self._errors, {}
+        placeholders, self._placeholders = self._placeholders, {}
+        self._local = {name: self.config_entry.options.get(name, default) for name, default in LOCAL_DEFAULTS.items()}
+        suggested = {**self._settings, **self._local}
         if user_input is not None:
             suggested = _flatten(user_input)
-            changes = {name: value for name, value in suggested.items() if self._settings.get(name) != value}
+            self._local = {name: value for name, value in suggested.items() if name in LOCAL_DEFAULTS}
+            changes = {
+                name: value
+                for name, value in suggested.items()
+                if name not in LOCAL_DEFAULTS and self._settings.get(name) != value
+            }
+            before: LoadFailure | None = None
+            loading = False
             try:
                 if changes:
+                    before = (await client.async_get_status()).last_failure
                     self._settings = await client.async_update_settings(changes)
+                    loading = load_started(await client.async_get_status(), before)
             except WhisperGpuAuthError:
                 self.config_entry.async_start_reauth(self.hass)
                 errors["base"] = "invalid_auth"
@@ -285,31 +317,116 @@ class WhisperGpuOptionsFlow(OptionsFlow):
             except WhisperGpuError:
                 errors["base"] = "cannot_connect"
             else:
-                entry: WhisperGpuConfigEntry = self.config_entry
-                if entry.state is ConfigEntryState.LOADED:
-                    await entry.runtime_data.coordinator.async_request_refresh()
-                return self.async_create_entry(data={})
+                await self._async_refresh_entry()
+                if not loading:
+                    return self._async_saved()
+                self._loading_model = str(self._settings.get(SETTING_MODEL, ""))
+                self._load = self.hass.async_create_task(async_wait_for_load(client, before))
+                return await self.async_step_load()
 
         return self.async_show_form(
             step_id="init",
             data_schema=self.add_suggested_values_to_schema(
-                _options_schema(self._info, self._settings), _sectioned(suggested)
+                _options_schema(self._info, self._settings),
+                _sectioned(suggested, _default_language(self.hass.config.language, self._info)),
             ),
             errors=errors,
+            description_placeholders=placeholders,
         )
+
+    async def async_step_load(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:  # noqa: ARG002
+        """Show the load's progress until the server serves the new model or gives up on it."""
+        assert self._load is not None  # noqa: S101 - set by the step that starts the load
+        if not self._load.done():
+            return self.async_show_progress(
+                step_id="load",
+                progress_action="load",
+                progress_task=self._load,
+                description_placeholders={"model": self._loading_model},
+            )
+        client = create_client(self.hass, self.config_entry.data)
+        try:
+            failure = self._load.result()
+            # The server takes back the whole change when the load fails; the form shows what it kept.
+            self._settings = await client.async_get_settings()
+            if failure is None:
+                self._info = await client.async_get_info()  # the new model's languages
+        except TimeoutError:
+            self._errors = {"base": "load_timeout"}
+            self._placeholders = {"model": self._loading_model}
+            return self.async_show_progress_done(next_step_id="init")
+        except WhisperGpuError:
+            self._errors = {"base": "cannot_connect"}
+            return self.async_show_progress_done(next_step_id="init")
+        finally:
+            self._load = None
+            await self._async_refresh_entry()
+        if failure is not None:
+            self._errors = {SECTION_MODEL: load_failure_key(failure)}
+            self._placeholders = load_failure_placeholders(failure)
+            return self.async_show_progress_done(next_step_id="init")
+        return self.async_show_progress_done(next_step_id="loaded")
+
+    async def async_step_loaded(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:  # noqa: ARG002
+        """The new model serves: the change is done."""
+        return self._async_saved()
+
+    @callback
+    def _async_saved(self) -> ConfigFlowResult:
+        """End the flow: the server has its settings, entry.options the integration's own."""
+        return self.async_create_entry(data=self._local)
+
+    async def _async_refresh_entry(self) -> None:
+        """Let the entities follow the server now (the coordinator polls quickly while a model loads)."""
+        entry: WhisperGpuConfigEntry = self.config_entry
+        if entry.state is ConfigEntryState.LOADED:
+            await entry.runtime_data.coordinator.async_request_refresh()
 
 
 def _flatten(user_input: Mapping[str, Any]) -> dict[str, Any]:
-    """Return the values of the form's sections as one flat dict."""
-    return {name: value for values in user_input.values() for name, value in values.items()}
+    """Return the values of the form's sections as one flat dict of settings.
+
+    The form shows the language as a switch (detect it) and a language picker;
+    the server has one setting, `auto` when the language is detected.
+    """
+    flat = {name: value for values in user_input.values() for name, value in values.items()}
+    if flat.pop(FIELD_DETECT_LANGUAGE, False):
+        flat[SETTING_LANGUAGE] = LANGUAGE_AUTO
+    return flat
 
 
-def _sectioned(settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Return flat settings grouped as the form's sections."""
+def _sectioned(settings: Mapping[str, Any], default_language: str) -> dict[str, dict[str, Any]]:
+    """Return flat settings grouped as the form's sections, the language as the switch and the picker."""
+    values = dict(settings)
+    if SETTING_LANGUAGE in values:
+        detect = values[SETTING_LANGUAGE] == LANGUAGE_AUTO
+        values[FIELD_DETECT_LANGUAGE] = detect
+        if detect:
+            values[SETTING_LANGUAGE] = default_language
     return {
-        section_key: {name: settings[name] for name in names if name in settings}
-        for section_key, names in OPTION_SECTIONS.items()
+        section_key: {name: values[name] for name in _form_fields(names) if name in values}
+        for section_key, names in (OPTION_SECTIONS | LOCAL_OPTIONS).items()
     }
+
+
+def _form_fields(names: tuple[str, ...]) -> list[str]:
+    """Return a section's fields: its settings, the language preceded by its switch."""
+    fields: list[str] = []
+    for name in names:
+        fields.extend((FIELD_DETECT_LANGUAGE, name) if name == SETTING_LANGUAGE else (name,))
+    return fields
+
+
+def _default_language(configured: str, info: ServerInfo) -> str:
+    """Return the language the picker offers while the server detects it: Home Assistant's, if the model speaks it."""
+    languages = _fixed_languages(info)
+    base = configured.replace("_", "-").partition("-")[0].lower()
+    return base if base in languages or not languages else languages[0]
+
+
+def _fixed_languages(info: ServerInfo) -> list[str]:
+    """Return the languages the server can be fixed to (all but `auto`)."""
+    return [language for language in info.languages if language != LANGUAGE_AUTO]
 
 
 def _form_errors(server_errors: Mapping[str, str]) -> dict[str, str]:
@@ -325,15 +442,20 @@ def _options_schema(info: ServerInfo, settings: Mapping[str, Any]) -> probatio.S
     """Build the options form from what the server offers."""
     sections: dict[probatio.Marker, section] = {}
     for section_key, names in OPTION_SECTIONS.items():
-        fields = {
-            probatio.Required(name): _setting_selector(name, info, settings)
-            for name in names
-            if name in info.settings_schema
-        }
+        fields: dict[probatio.Marker, Any] = {}
+        for name in names:
+            if name not in info.settings_schema:
+                continue
+            if name == SETTING_LANGUAGE and LANGUAGE_AUTO in info.languages:
+                fields[probatio.Required(FIELD_DETECT_LANGUAGE)] = BooleanSelector()
+            fields[probatio.Required(name)] = _setting_selector(name, info, settings)
         if fields:
             sections[probatio.Required(section_key)] = section(
                 probatio.Schema(fields), {"collapsed": section_key == SECTION_VAD}
             )
+    for section_key, names in LOCAL_OPTIONS.items():
+        fields = {probatio.Required(name): BooleanSelector() for name in names}
+        sections[probatio.Required(section_key)] = section(probatio.Schema(fields), {"collapsed": False})
     return probatio.Schema(sections)
 
 
@@ -348,7 +470,11 @@ def _setting_selector(name: str, info: ServerInfo, settings: Mapping[str, Any]) 
     if name == SETTING_COMPUTE_TYPE:
         return _select(["auto", *(t for t in info.compute_types if t != "auto")])
     if name == SETTING_LANGUAGE:
-        return _select(info.languages)
+        # The frontend names each language (in the user's language); `auto` is the switch before it.
+        languages = _fixed_languages(info)
+        if (current := settings.get(name)) and current != LANGUAGE_AUTO and current not in languages:
+            languages = [*languages, current]
+        return LanguageSelector(LanguageSelectorConfig(languages=languages))
     if info.settings_schema[name].get("type") == "boolean":
         return BooleanSelector()
     return _number_selector(name, info.settings_schema[name])

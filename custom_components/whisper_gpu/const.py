@@ -22,6 +22,8 @@ SETTING_MODEL: Final = "model"
 SETTING_COMPUTE_TYPE: Final = "compute_type"
 SETTING_LANGUAGE: Final = "language"
 SETTING_BEAM_SIZE: Final = "beam_size"
+# The language setting's value for "detect the spoken language".
+LANGUAGE_AUTO: Final = "auto"
 SETTING_VAD_THRESHOLD: Final = "vad_threshold"
 SETTING_MIN_SPEECH_DURATION_MS: Final = "min_speech_duration_ms"
 SETTING_MAX_SPEECH_DURATION_S: Final = "max_speech_duration_s"
@@ -29,6 +31,13 @@ SETTING_SPEECH_PAD_MS: Final = "speech_pad_ms"
 SETTING_ENDPOINTING: Final = "endpointing"
 SETTING_END_OF_SPEECH_S: Final = "end_of_speech_s"
 SETTING_KEEP_ALIVE_S: Final = "keep_alive_s"
+
+# Options of the integration itself, kept in entry.options beside the server's settings.
+CONF_SEND_NAMES: Final = "send_names"
+DEFAULT_SEND_NAMES: Final = True
+SECTION_ASSIST: Final = "assist"
+LOCAL_OPTIONS: Final[dict[str, tuple[str, ...]]] = {SECTION_ASSIST: (CONF_SEND_NAMES,)}
+LOCAL_DEFAULTS: Final = {CONF_SEND_NAMES: DEFAULT_SEND_NAMES}
 
 SECTION_MODEL: Final = "model_settings"
 SECTION_DECODING: Final = "decoding"
@@ -62,6 +71,20 @@ SETTINGS_ERROR_CODES: Final = frozenset(
         "reload_in_progress",
         "save_failed",
         "unknown_field",
+        "unknown_model",
+    }
+)
+
+# Codes of a failed model load (`last_failure` in the status) that have their own text; others get a general one.
+LOAD_FAILURE_CODES: Final = frozenset(
+    {
+        "checksum_mismatch",
+        "download_failed",
+        "insufficient_disk",
+        "insufficient_memory",
+        "load_failed",
+        "not_available_offline",
+        "save_failed",
         "unknown_model",
     }
 )

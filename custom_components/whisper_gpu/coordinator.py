@@ -111,11 +111,15 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
 
     @callback
     def _async_update_model_issue(self, status: ServerStatus) -> None:
-        """Raise a repair issue while the server's model has failed to load."""
+        """Raise a repair issue while no model serves because the load failed; a failed switch is no issue.
+
+        After a failed switch the old model keeps serving: the server is healthy, and the issue goes.
+        """
         issue_id = model_failed_issue_id(self.config_entry)
-        if status.state != STATE_FAILED:
+        if status.state != STATE_FAILED or status.model is not None:
             ir.async_delete_issue(self.hass, DOMAIN, issue_id)
             return
+        failure = status.last_failure
         ir.async_create_issue(
             self.hass,
             DOMAIN,
@@ -125,7 +129,7 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
             translation_key="model_failed",
             translation_placeholders={
                 "name": self.config_entry.title,
-                "model": status.model or "-",
+                "model": failure.model if failure else "-",
                 "code": status.error_code or "unknown",
                 "message": status.error_message or "",
             },

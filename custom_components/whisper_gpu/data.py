@@ -12,6 +12,7 @@ from wyoming.info import AsrProgram
 
 from .api import WhisperGpuClient
 from .const import CONF_CONTROL_PORT, CONF_WYOMING_PORT
+from .names import AssistNames
 
 if TYPE_CHECKING:
     from .coordinator import WhisperGpuCoordinator
@@ -19,10 +20,11 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True, kw_only=True)
 class WhisperGpuData:
-    """What a loaded entry keeps: the coordinator (with the client) and the Wyoming program."""
+    """What a loaded entry keeps: the coordinator (with the client), the Wyoming program, the names of the home."""
 
     coordinator: WhisperGpuCoordinator
     asr: AsrProgram
+    names: AssistNames
 
 
 type WhisperGpuConfigEntry = ConfigEntry[WhisperGpuData]

@@ -11,7 +11,7 @@ from homeassistant.helpers.entity import EntityDescription
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
 from .api import WhisperGpuError
-from .const import LOGGER
+from .const import CONF_SEND_NAMES, DEFAULT_SEND_NAMES, LOGGER
 from .coordinator import WhisperGpuCoordinator
 from .data import WhisperGpuConfigEntry
 from .entity import WhisperGpuEntity
@@ -115,7 +115,9 @@ class WhisperGpuSpeechToText(WhisperGpuEntity, stt.SpeechToTextEntity):
         the pipeline's audio ends: the audio stops being read then, and the pipeline moves on without waiting for
         its own VAD.
         """
-        updates = self.coordinator.client.async_transcribe_updates(stream, metadata.language)
+        entry = self.coordinator.config_entry
+        names = entry.runtime_data.names.names if entry.options.get(CONF_SEND_NAMES, DEFAULT_SEND_NAMES) else None
+        updates = self.coordinator.client.async_transcribe_updates(stream, metadata.language, names)
         try:
             async with aclosing(updates):
                 async for update in updates:

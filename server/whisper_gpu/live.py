@@ -29,9 +29,14 @@ class Transcriber(Protocol):
     """What a live request needs from the service."""
 
     async def transcribe(
-        self, audio: np.ndarray, language: str | None, *, urgency: Urgency | None = None
+        self,
+        audio: np.ndarray,
+        language: str | None,
+        *,
+        urgency: Urgency | None = None,
+        names: tuple[str, ...] = (),
     ) -> tuple[TranscriptResult, str]:
-        """Transcribe 16 kHz mono audio; the result and the model's name."""
+        """Transcribe 16 kHz mono audio, biased toward the names; the result and the model's name."""
 
     def promote(self, urgency: Urgency) -> None:
         """Raise background work to final; RequestError (server_busy) when it must wait and the queue is full."""
@@ -56,16 +61,19 @@ class LiveRequest:
     The audio itself stays with its owner, who hands over each new piece and, on demand, all of it so far.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the request's own language and names beside the shared service and settings
         self,
         service: Transcriber,
         language: str | None,
         settings: LiveSettings,
         audio_so_far: Callable[[], np.ndarray],
         on_partial: Callable[[str], Awaitable[None]],
+        *,
+        names: tuple[str, ...] = (),
     ) -> None:
         self._service = service
         self._language = language
+        self._names = names
         self._settings = settings
         self._on_partial = on_partial
         self._endpointer = Endpointer(settings.endpoint) if settings.endpoint else None
@@ -111,7 +119,7 @@ class LiveRequest:
             except asyncio.CancelledError:
                 if not speculation.cancelled():
                     raise  # the caller itself was cancelled
-        return await self._service.transcribe(audio, self._language)
+        return await self._service.transcribe(audio, self._language, names=self._names)
 
     def close(self) -> None:
         """Drop background work that nobody will read."""
@@ -124,7 +132,9 @@ class LiveRequest:
         self._drop_partial()
         self._speculation_urgency = Urgency(background=True)
         self._speculation = asyncio.create_task(
-            self._service.transcribe(self._audio(), self._language, urgency=self._speculation_urgency)
+            self._service.transcribe(
+                self._audio(), self._language, urgency=self._speculation_urgency, names=self._names
+            )
         )
 
     def _drop_speculation(self) -> None:
@@ -147,7 +157,9 @@ class LiveRequest:
 
     async def _make_partial(self, audio: np.ndarray, *, mid_word: bool) -> None:
         try:
-            result, _ = await self._service.transcribe(audio, self._language, urgency=Urgency(background=True))
+            result, _ = await self._service.transcribe(
+                audio, self._language, urgency=Urgency(background=True), names=self._names
+            )
         except Exception as err:  # noqa: BLE001 - a partial transcript is a courtesy; the final one reports errors
             _LOGGER.debug("Partial transcript failed: %s", err)
             return

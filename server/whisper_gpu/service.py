@@ -200,6 +200,25 @@ class LoadJournal:
 
 
 @dataclass(frozen=True)
+class LoadFailure:
+    """The last load that failed, kept apart from the state (which says what serves) until a load succeeds."""
+
+    plan: LoadPlan
+    error: ModelError
+    at: datetime
+
+    def describe(self) -> dict[str, Any]:
+        """As `/api/v1/status` shows it in `last_failure`."""
+        return {
+            "code": str(self.error.code),
+            "message": self.error.message,
+            "model": self.plan.model,
+            "compute_type": self.plan.compute_type,
+            "time": self.at.isoformat(timespec="milliseconds"),
+        }
+
+
+@dataclass(frozen=True)
 class LoadSettings:
     """Boot settings that shape every load."""
 
@@ -246,7 +265,7 @@ class ModelManager:
         self.state = ModelState.LOADING
         self.target: LoadPlan | None = None
         self.download: dict[str, Any] | None = None
-        self.error: ModelError | None = None
+        self.last_failure: LoadFailure | None = None
         self._loading: asyncio.Task[bool] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self._residency: asyncio.Task[None] | None = None
@@ -304,8 +323,10 @@ class ModelManager:
         """Load in the background; the task's result says whether the new model serves.
 
         `commit` runs once the new model is warm and before it serves (saving the settings change); when it
-        raises OSError the new model is dropped and the old one keeps serving.
+        raises OSError the new model is dropped and the old one keeps serving. The target shows in the status at
+        once, so a client that polls right after the change sees the load under way.
         """
+        self.target = plan
         self._loading = asyncio.create_task(
             self._load(plan, unload_first=unload_first, commit=commit), name=f"load {plan.model}"
         )
@@ -320,7 +341,7 @@ class ModelManager:
         while True:
             while self.engine is None:
                 if self._loading is None or self._loading.done():
-                    message = self.error.message if self.error else "no model is loaded"
+                    message = self.last_failure.error.message if self.last_failure else "no model is loaded"
                     raise RequestError("model_not_ready", f"The speech model is not ready: {message}")
                 await asyncio.shield(self._loading)
             if self._residency is not None and not self._residency.done():
@@ -417,7 +438,7 @@ class ModelManager:
 
     async def _load(self, plan: LoadPlan, *, unload_first: bool, commit: Commit | None) -> bool:
         started = time.monotonic()
-        self.target, self.state, self.error, self.download = plan, ModelState.LOADING, None, None
+        self.target, self.state, self.download = plan, ModelState.LOADING, None
         previous = self.engine
         if previous is not None and unload_first:
             _LOGGER.warning("Unloading %s before loading %s: both do not fit in memory", previous.name, plan.model)
@@ -433,6 +454,8 @@ class ModelManager:
             await asyncio.to_thread(self._journal.ended)
             if previous is not None and unload_first:
                 await self._restore(previous)
+            # The state says what serves now: the previous model, or nothing.
+            self.state = ModelState.READY if self.engine is not None else ModelState.FAILED
             return False
         except asyncio.CancelledError:
             self._journal.ended()
@@ -441,7 +464,7 @@ class ModelManager:
             self.target, self.download = None, None
         await asyncio.to_thread(self._journal.succeeded, plan)
         seconds = time.monotonic() - started
-        self.engine, self.state = engine, ModelState.READY
+        self.engine, self.state, self.last_failure = engine, ModelState.READY, None
         self._metrics.loaded(engine.name, str(engine.device), engine.compute_type, seconds)
         _LOGGER.info("Model %s ready on %s (%s) after %.1f s", engine.name, engine.device, engine.compute_type, seconds)
         if previous is not None and not unload_first:
@@ -527,7 +550,7 @@ class ModelManager:
         return engine
 
     def _failed(self, plan: LoadPlan, err: ModelError) -> None:
-        self.state, self.error = ModelState.FAILED, err
+        self.last_failure = LoadFailure(plan, err, datetime.now(UTC))
         self._metrics.model_loads.labels("failed").inc()
         serving = f"; {self.engine.name} keeps serving" if self.engine else ""
         _LOGGER.error("Model %s failed to load (%s): %s%s", plan.model, err.code, err.message, serving)
@@ -626,11 +649,17 @@ class Service:
         return chosen
 
     async def transcribe(
-        self, audio: np.ndarray, language: str | None, *, urgency: Urgency | None = None
+        self,
+        audio: np.ndarray,
+        language: str | None,
+        *,
+        urgency: Urgency | None = None,
+        names: tuple[str, ...] = (),
     ) -> tuple[TranscriptResult, str]:
         """Transcribe 16 kHz mono audio with the current settings; returns the result and the model's name.
 
-        Background work (partial and speculative transcripts) waits for every final transcript queued.
+        Background work (partial and speculative transcripts) waits for every final transcript queued. The names
+        (of the client's home) bias the model toward their spelling unless `use_names` is off.
         """
         decode_language = self.check_language(language)
         background = urgency is not None and urgency.background
@@ -642,7 +671,9 @@ class Service:
         self._touch()
         try:
             engine = await self.models.acquire()
-            options = DecodeOptions.from_settings(self.settings.values, decode_language)
+            options = DecodeOptions.from_settings(
+                self.settings.values, decode_language, names if self.settings["use_names"] else ()
+            )
             return await self.queue.transcribe(engine, audio, options, urgency), engine.name
         finally:
             self._transcribing -= 1
@@ -896,7 +927,9 @@ class Service:
     def status(self) -> dict[str, Any]:
         """`GET /api/v1/status`."""
         engine = self.models.engine
-        error = self.models.error
+        failure = self.models.last_failure
+        # `error` says why nothing serves; `last_failure` stays after a failed switch while the old model serves.
+        error = failure.error if failure and self.models.state is ModelState.FAILED else None
         last = self.last_request
         return {
             "state": str(self.models.shown_state),
@@ -914,6 +947,7 @@ class Service:
             "target": self.models.target.describe() if self.models.target else None,
             "download": self.models.download,
             "error": {"code": str(error.code), "message": error.message} if error else None,
+            "last_failure": failure.describe() if failure else None,
             "notice": self.notice,
             "requests": {
                 "in_flight": self.queue.in_flight,

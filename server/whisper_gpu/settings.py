@@ -348,6 +348,14 @@ SETTINGS: Mapping[str, SettingSpec] = _spec_table(
         runtime=True,
     ),
     SettingSpec(
+        name="use_names",
+        kind=bool,
+        default=True,
+        description="Give Whisper the names a client sends with a request (Home Assistant: the entities, areas "
+        "and floors exposed to Assist) as its prompt, so it spells them as the home does",
+        runtime=True,
+    ),
+    SettingSpec(
         name="encoder_window_s",
         kind=float,
         default=10.0,

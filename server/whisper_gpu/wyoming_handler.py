@@ -35,6 +35,10 @@ _LOGGER = logging.getLogger(__name__)
 MAX_HEADER_BYTES = 64 * 1024
 MAX_DATA_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+# Names a request may carry (transcript_names, then transcript_terms); more are dropped, as are longer names. Only
+# the first few dozen fit Whisper's prompt anyway.
+MAX_NAMES = 500
+MAX_NAME_CHARS = 100
 LINGER_S = 1.0
 _LEFT_WAITING = "the client left while its request waited for the model"
 ATTRIBUTION = Attribution(name="OpenAI Whisper on faster-whisper", url="https://github.com/SYSTRAN/faster-whisper")
@@ -51,9 +55,14 @@ class TranscriptionService(Protocol):
         """Raise RequestError when the language cannot be served."""
 
     async def transcribe(
-        self, audio: np.ndarray, language: str | None, *, urgency: Urgency | None = None
+        self,
+        audio: np.ndarray,
+        language: str | None,
+        *,
+        urgency: Urgency | None = None,
+        names: tuple[str, ...] = (),
     ) -> tuple[TranscriptResult, str]:
-        """Transcribe 16 kHz mono audio; the result and the model's name."""
+        """Transcribe 16 kHz mono audio, biased toward the names; the result and the model's name."""
 
     def promote(self, urgency: Urgency) -> None:
         """Raise background work to final (RequestError when the queue is full)."""
@@ -183,6 +192,7 @@ class _Request:
     """
 
     language: str | None
+    names: tuple[str, ...] = ()
     audio: AudioBuffer | None = None
     refused: bool = False
     stream_refused: bool = False
@@ -290,7 +300,9 @@ class WyomingHandler:
     async def _on_transcribe(self, event: Event) -> None:
         self._abandon("a new request replaced it before audio-stop")
         language = event.data.get("language")
-        self._request = _Request(language=language if isinstance(language, str) and language else None)
+        self._request = _Request(
+            language=language if isinstance(language, str) and language else None, names=self._names(event.data)
+        )
         try:
             self._service.check_language(self._request.language)
         except RequestError as err:
@@ -319,6 +331,7 @@ class WyomingHandler:
                 self._service,
                 request.language,
                 live,
+                names=request.names,
                 audio_so_far=request.audio.so_far,
                 on_partial=lambda text: self._send_partial(request, text),
             )
@@ -382,7 +395,7 @@ class WyomingHandler:
             if request.live is not None:
                 result, model = await request.live.final(audio)
             else:
-                result, model = await self._service.transcribe(audio, request.language)
+                result, model = await self._service.transcribe(audio, request.language, names=request.names)
         except asyncio.CancelledError:
             if request.live is not None:
                 request.live.close()
@@ -417,6 +430,33 @@ class WyomingHandler:
             request.stream_started = True
             await self._write(TranscriptStart(language=request.language).event())
         await self._write(TranscriptChunk(text=text).event())
+
+    def _names(self, data: dict[str, Any]) -> tuple[str, ...]:
+        """The names and terms of a `transcribe` event, names first, as far as they are usable.
+
+        They are a hint: a field of the wrong type is ignored (logged and counted as `invalid_names`) and the
+        request goes on without it, rather than losing the user's command over it.
+        """
+        given: list[str] = []
+        for key in ("transcript_names", "transcript_terms"):
+            value = data.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                _LOGGER.warning("Ignoring %s from %s: not a list of strings", key, self.peer)
+                self._service.protocol_error("invalid_names")
+                continue
+            given += value
+        names = [name for name in (" ".join(item.split()) for item in given) if 0 < len(name) <= MAX_NAME_CHARS]
+        if len(names) < len(given) or len(names) > MAX_NAMES:
+            _LOGGER.debug(
+                "Using %d of the %d names from %s: the rest are empty, longer than %d characters or too many",
+                min(len(names), MAX_NAMES),
+                len(given),
+                self.peer,
+                MAX_NAME_CHARS,
+            )
+        return tuple(names[:MAX_NAMES])
 
     async def _refuse(self, code: str, message: str) -> None:
         """Refuse the current request: tell the client now, drop its audio until the next request."""

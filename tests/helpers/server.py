@@ -203,10 +203,11 @@ async def transcribe(
     *,
     language: str | None = None,
     chunk_frames: int = 1024,
+    names: list[str] | None = None,
 ) -> Event:
     """Send one request the way Home Assistant does and return the server's answer (transcript or error)."""
     async with AsyncTcpClient("127.0.0.1", port) as client:
-        await client.write_event(Transcribe(language=language).event())
+        await client.write_event(Transcribe(language=language, transcript_names=names).event())
         await client.write_event(AudioStart(rate=rate, width=width, channels=channels).event())
         step = chunk_frames * width * channels
         for start in range(0, len(audio), step):

@@ -36,7 +36,7 @@ STARTUP_TIMEOUT = 180.0
 # The options form as a user sees it: each section's fields, in order.
 OPTIONS_FORM: dict[str, tuple[str, ...]] = {
     "model_settings": ("model", "compute_type", "keep_alive_s"),
-    "decoding": ("language", "beam_size"),
+    "decoding": ("detect_language", "language", "beam_size"),
     "voice_activity_detection": (
         "endpointing",
         "end_of_speech_s",
@@ -45,8 +45,11 @@ OPTIONS_FORM: dict[str, tuple[str, ...]] = {
         "max_speech_duration_s",
         "speech_pad_ms",
     ),
+    "assist": ("send_names",),
 }
-OPTION_NAMES = tuple(name for names in OPTIONS_FORM.values() for name in names)
+FORM_FIELDS = tuple(name for names in OPTIONS_FORM.values() for name in names)
+# The integration's own options, with their defaults; the other fields are the server's settings.
+LOCAL_OPTIONS = {"send_names": True}
 # The connection of the fast layer's entry: never contacted, the patched client answers.
 FIXTURE_ENTRY_DATA = {
     CONF_HOST: "whisper-gpu.local",
@@ -54,6 +57,9 @@ FIXTURE_ENTRY_DATA = {
     CONF_CONTROL_PORT: api_fixtures.CONTROL_PORT,
     CONF_TOKEN: "fixture-token",
 }
+# The form's switch for the language setting's `auto`: not a setting of its own.
+DETECT_LANGUAGE = "detect_language"
+OPTION_NAMES = tuple(name for name in FORM_FIELDS if name not in LOCAL_OPTIONS and name != DETECT_LANGUAGE)
 # Beside ServerProcess's defaults (loopback, offline, no zeroconf, the model): the fast compute type.
 SERVER_ARGS = ("--compute-type", "int8")
 
@@ -89,8 +95,9 @@ class WhisperGpuServer(ServerProcess):
         deadline = time.monotonic() + timeout
         status: dict[str, Any] = {}
         while time.monotonic() < deadline:
-            _, status = self.request("GET", "/api/v1/status")
-            if status["state"] == state and status.get("target") is None:
+            _, answer = self.request("GET", "/api/v1/status")
+            status = answer if isinstance(answer, dict) else {}  # nothing answers while the server starts
+            if status.get("state") == state and status.get("target") is None:
                 return status
             time.sleep(0.1)
         pytest.fail(f"state {state!r} not reached: {status}")
@@ -128,10 +135,13 @@ class StubControlServer:
     """A small HTTP server on loopback that answers like (or unlike) whisper-gpu.
 
     It serves what the tests put in `routes` (status, JSON body) by method and
-    path, and records the requests it got.
+    path, changes them as `then` says once a request is answered, and records
+    the requests it got.
     """
 
     routes: dict[tuple[str, str], tuple[int, Any]] = field(default_factory=dict)
+    # Routes that change once a request has been answered: what the server does after a PATCH, say.
+    then: dict[tuple[str, str], dict[tuple[str, str], tuple[int, Any]]] = field(default_factory=dict)
     requests: list[tuple[str, str, Any]] = field(default_factory=list)
     port: int = 0
     runner: web.AppRunner | None = None
@@ -142,6 +152,7 @@ class StubControlServer:
         if (request.method, request.path) not in self.routes:
             return web.Response(status=404, text="404: Not Found")
         status, payload = self.routes[request.method, request.path]
+        self.routes.update(self.then.pop((request.method, request.path), {}))
         if payload is None:
             return web.Response(status=status)
         return web.json_response(payload, status=status)

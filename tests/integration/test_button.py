@@ -18,8 +18,7 @@ from .common import (
     audio_stream,
     metadata,
     mirror,
-    setup_entry,
-    stub_entry,
+    setup_integration,
     words,
 )
 
@@ -37,11 +36,12 @@ async def test_the_button_parks_the_server_and_the_next_command_brings_it_back(
     hass: HomeAssistant,
     hass_client: ClientSessionGenerator,
     server: WhisperGpuServer,
-    config_entry: MockConfigEntry,
+    mock_config_entry: MockConfigEntry,
     speech_pcm: bytes,
 ) -> None:
     """Pressed, the server's model is parked at once and the sensor says so; Assist still works afterwards."""
-    await setup_entry(hass, config_entry)
+    config_entry = mock_config_entry
+    await setup_integration(hass, config_entry)
     assert hass.states.get(STATE_SENSOR_ID).state == "ready"
     assert hass.states.get(BUTTON_ENTITY_ID) is not None
 
@@ -66,12 +66,12 @@ async def test_the_button_parks_the_server_and_the_next_command_brings_it_back(
 
 
 async def test_a_refused_park_says_why(
-    hass: HomeAssistant, server: WhisperGpuServer, stub_server: StubControlServer
+    hass: HomeAssistant, mock_config_entry: MockConfigEntry, server: WhisperGpuServer, stub_server: StubControlServer
 ) -> None:
     """While the server loads a model it refuses to park; the button reports the server's reason."""
     mirror(stub_server, server)
     stub_server.routes["POST", "/api/v1/model/park"] = (409, {"error": "reload_in_progress", "message": "loading"})
-    await setup_entry(hass, stub_entry(stub_server, server))
+    await setup_integration(hass, mock_config_entry, control_port=stub_server.port)
 
     with pytest.raises(HomeAssistantError, match="reload_in_progress") as raised:
         await press(hass)

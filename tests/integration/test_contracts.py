@@ -24,9 +24,12 @@ NOT_IN_THE_FORM = {
     "max_audio_s": "a limit of the server's capacity, set by the operator",
     "log_transcripts": "privacy: the operator decides what the server's log holds",
     "low_memory_switch": "a trade-off of the server's memory, set by the operator",
+    "park_mode": "how a GPU parks depends on the host's memory, which the operator knows",
+    "use_names": "the integration's own option (send_names) decides whether it sends names at all",
 }
-# Answered by HTTP status, not as a settings error: 401 starts reauthentication.
-NOT_A_SETTINGS_ERROR = {"unauthorized"}
+# Not settings errors: 401 starts reauthentication; the park and restore actions' refusals show through the
+# Free GPU memory button's `park_refused` message with the code.
+NOT_A_SETTINGS_ERROR = {"unauthorized", "model_not_ready", "restore_failed"}
 
 
 def _control_error_codes() -> set[str]:

@@ -10,6 +10,7 @@ from homeassistant.components.select import DOMAIN as SELECT_DOMAIN
 from homeassistant.const import ATTR_ENTITY_ID, ATTR_UNIT_OF_MEASUREMENT
 from homeassistant.core import HomeAssistant
 from homeassistant.exceptions import HomeAssistantError
+from homeassistant.helpers import issue_registry as ir
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.whisper_gpu.const import DOMAIN, SCAN_INTERVAL
@@ -52,8 +53,9 @@ async def test_select_switches_model(
     assert SECOND_MODEL in state.attributes[ATTR_OPTIONS]
 
     await select_model(hass, SECOND_MODEL)
-    # The server's settings show the new model once it serves (a switch is all or nothing).
-    server.wait_state("ready")
+    # The call returns once the new model serves, not before.
+    _, status = server.request("GET", "/api/v1/status")
+    assert (status["state"], status["model"]["name"], status["target"]) == ("ready", SECOND_MODEL, None)
     assert server.settings()["model"] == SECOND_MODEL
     await poll(hass)
 
@@ -113,6 +115,37 @@ async def test_select_errors(
     assert hass.states.get(SELECT_ENTITY_ID).state == TEST_MODEL
     assert entry.runtime_data.coordinator.data.settings["model"] == TEST_MODEL
     assert len(hass.config_entries.flow.async_progress_by_handler(DOMAIN)) == reauth
+
+
+async def test_select_a_model_that_fails_to_load(
+    hass: HomeAssistant,
+    mock_config_entry: MockConfigEntry,
+    own_server: WhisperGpuServer,
+    issue_registry: ir.IssueRegistry,
+) -> None:
+    """A listed model that cannot be loaded (a damaged copy, offline): the call fails with the reason.
+
+    The old model keeps serving, the select shows it again and no repair issue is raised.
+    """
+    damaged = own_server.data_dir / ".cache" / "models" / "someone--whisper-custom"
+    damaged.mkdir(parents=True)
+    (damaged / "config.json").write_text("{}")
+    (damaged / "model.bin").write_bytes(b"\x00" * 4096)
+    own_server.start()
+    entry = mock_config_entry
+    await setup_integration(hass, entry, **own_server.entry_data())
+    assert "someone/whisper-custom" in hass.states.get(SELECT_ENTITY_ID).attributes[ATTR_OPTIONS]
+
+    with pytest.raises(HomeAssistantError) as err:
+        await select_model(hass, "someone/whisper-custom")
+
+    assert err.value.translation_key == "model_not_available_offline"
+    assert err.value.translation_placeholders["model"] == "someone/whisper-custom"
+    await poll(hass)
+    assert hass.states.get(SELECT_ENTITY_ID).state == TEST_MODEL
+    assert hass.states.get("sensor.whisper_gpu_model_state").state == "ready"
+    assert hass.states.get("sensor.whisper_gpu_loaded_model").state == TEST_MODEL
+    assert issue_registry.async_get_issue(DOMAIN, f"model_failed_{entry.entry_id}") is None
 
 
 async def test_select_keeps_a_model_outside_the_list(

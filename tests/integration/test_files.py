@@ -12,11 +12,13 @@ import probatio
 import pytest
 from homeassistant.const import __version__ as ha_version
 from homeassistant.core import HomeAssistant
+from homeassistant.helpers.icon import async_get_icons
 from homeassistant.loader import async_get_integration
 from homeassistant.util.json import JsonObjectType
 from PIL import Image
 
-from custom_components.whisper_gpu.const import SETTINGS_ERROR_CODES
+from custom_components.whisper_gpu.const import DOMAIN, LOAD_FAILURE_CODES, SETTINGS_ERROR_CODES
+from custom_components.whisper_gpu.sensor import MODEL_STATES
 
 ROOT = Path(__file__).parents[2]
 INTEGRATION = ROOT / "custom_components" / "whisper_gpu"
@@ -187,6 +189,25 @@ def test_every_error_and_reason_is_translated() -> None:
     for key in _translated_names("translation_key"):
         assert any(key in group for group in groups), key
     assert set(options["error"]) >= {*SETTINGS_ERROR_CODES, "unknown_setting_error"}
+    for action in _translated_names("progress_action"):
+        assert action in options["progress"], action
+    # A failed model load: its reason on the options form and as the Model select's error.
+    for key in ["load_timeout", *(f"model_{code}" for code in LOAD_FAILURE_CODES)]:
+        assert key in options["error"], key
+        assert key in strings["exceptions"], key
+
+
+async def test_entity_icons(hass: HomeAssistant) -> None:
+    """Each entity has its own icon; each model state one too."""
+    icons = (await async_get_icons(hass, "entity", integrations=[DOMAIN]))[DOMAIN]
+    strings = load(INTEGRATION / "strings.json")
+    entities = strings["entity"]
+    assert isinstance(entities, dict)
+    named = {(platform, key) for platform, keys in entities.items() for key in keys}
+    with_icons = {(platform, key) for platform, keys in icons.items() for key in keys}
+    assert with_icons == named
+    assert all(icon["default"].startswith("mdi:") for keys in icons.values() for icon in keys.values())
+    assert set(icons["sensor"]["model_state"]["state"]) == set(MODEL_STATES)
 
 
 @pytest.mark.parametrize("path", ["docs/home-assistant.md"])

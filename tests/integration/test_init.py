@@ -153,46 +153,64 @@ async def test_reauth_when_token_changes_while_running(
     assert [flow["context"]["source"] for flow in flows] == ["reauth"]
 
 
-async def test_repair_issue_when_model_fails(
+async def test_a_failed_switch_raises_no_repair_issue(
     hass: HomeAssistant,
     mock_config_entry: MockConfigEntry,
     own_server: WhisperGpuServer,
     issue_registry: ir.IssueRegistry,
 ) -> None:
-    """A model the offline server cannot get: a repair issue, gone when a model loads again."""
+    """A model the offline server cannot get, while another serves: the server is healthy, and says so."""
     own_server.start()
     entry = mock_config_entry
     await setup_integration(hass, entry, **own_server.entry_data())
-    issue_id = f"model_failed_{entry.entry_id}"
 
     status, body = own_server.request("PATCH", "/api/v1/settings", {"model": "small.en"})
     assert status == 200, body
-    own_server.wait_state("failed")
+    failed = own_server.wait_state("ready")
+    assert failed["last_failure"]["model"] == "small.en"
     await poll(hass)
+
+    assert issue_registry.async_get_issue(DOMAIN, f"model_failed_{entry.entry_id}") is None
+    assert hass.states.get("sensor.whisper_gpu_model_state").state == "ready"
+    assert hass.states.get("sensor.whisper_gpu_loaded_model").state == "tiny.en"
+
+
+async def test_repair_issue_while_no_model_serves(
+    hass: HomeAssistant,
+    mock_config_entry: MockConfigEntry,
+    own_server: WhisperGpuServer,
+    issue_registry: ir.IssueRegistry,
+) -> None:
+    """The server's model cannot be had and nothing serves: a repair issue, gone once a model serves."""
+    own_server.model = "small.en"
+    own_server.start(wait=False)
+    own_server.wait_state("failed")
+    entry = mock_config_entry
+    await setup_integration(hass, entry, **own_server.entry_data())
+    issue_id = f"model_failed_{entry.entry_id}"
 
     issue = issue_registry.async_get_issue(DOMAIN, issue_id)
     assert issue is not None
     assert issue.translation_key == "model_failed"
     assert issue.severity is ir.IssueSeverity.ERROR
-    assert issue.translation_placeholders["model"] == "tiny.en"
+    assert issue.translation_placeholders["model"] == "small.en"
+    assert issue.translation_placeholders["code"] == "not_available_offline"
     assert hass.states.get("sensor.whisper_gpu_model_state").state == "failed"
-    # The old model keeps serving.
-    assert hass.states.get("sensor.whisper_gpu_loaded_model").state == "tiny.en"
 
-    status, body = own_server.request("PATCH", "/api/v1/settings", {"model": "base"})
+    # Unloading takes the issue with it; it comes back with the entry.
+    assert await hass.config_entries.async_unload(entry.entry_id)
+    assert issue_registry.async_get_issue(DOMAIN, issue_id) is None
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+    assert issue_registry.async_get_issue(DOMAIN, issue_id) is not None
+
+    status, body = own_server.request("PATCH", "/api/v1/settings", {"model": "tiny.en"})
     assert status == 200, body
     own_server.wait_state("ready")
     await poll(hass)
     assert issue_registry.async_get_issue(DOMAIN, issue_id) is None
-    assert hass.states.get("sensor.whisper_gpu_loaded_model").state == "base"
-
-    # Unloading takes a remaining issue with it.
-    status, body = own_server.request("PATCH", "/api/v1/settings", {"model": "small.en"})
-    own_server.wait_state("failed")
-    await poll(hass)
-    assert issue_registry.async_get_issue(DOMAIN, issue_id) is not None
-    assert await hass.config_entries.async_unload(entry.entry_id)
-    assert issue_registry.async_get_issue(DOMAIN, issue_id) is None
+    assert hass.states.get("sensor.whisper_gpu_model_state").state == "ready"
+    assert hass.states.get("sensor.whisper_gpu_loaded_model").state == "tiny.en"
 
 
 @pytest.mark.parametrize(

@@ -325,21 +325,43 @@ async def test_hot_switch_while_transcribing_loses_no_request(
     assert settings["settings"]["compute_type"] == after[1]
 
 
-async def test_a_failed_switch_keeps_the_old_model_serving(
+def load_ended(status: dict[str, Any]) -> bool:
+    return status["target"] is None and status["state"] not in ("loading", "downloading")
+
+
+async def test_a_failed_switch_keeps_the_old_model_serving_and_says_so(
     start_server: Callable[..., ServerProcess], http: aiohttp.ClientSession, kitchen: Utterance
 ) -> None:
+    """The state says what serves (ready, on the old model); the failure is reported beside it until a load works."""
     server = start_server(args=["--compute-type", "int8"])
     status, body = await patch(http, server, {"model": "nobody/no-such-model"})
     assert (status, body["reload"]) == (200, True)
-    failed = await wait_for_state(http, server, lambda status: status["state"] == "failed")
-    assert failed["error"]["code"] == "download_failed"
-    assert "nobody/no-such-model" in failed["error"]["message"]
-    assert failed["model"]["name"] == "tiny.en"
+    # The load shows at once: a client polling right after the change never mistakes it for done.
+    _, during = await get(http, server, "/api/v1/status")
+    assert during["target"]["name"] == "nobody/no-such-model"
+    after = await wait_for_state(http, server, load_ended)
+    assert (after["state"], after["model"]["name"], after["error"]) == ("ready", "tiny.en", None)
+    failure = after["last_failure"]
+    assert (failure["code"], failure["model"], failure["compute_type"]) == (
+        "not_available_offline",
+        "nobody/no-such-model",
+        "int8",
+    )
+    assert "offline mode forbids downloading it" in failure["message"]
+    assert failure["time"].endswith("+00:00")
     assert (await get(http, server, "/readyz"))[0] == 200
     assert await say(server, kitchen) == normalize(kitchen.text)
     _, settings = await get(http, server, "/api/v1/settings")
     assert settings["settings"]["model"] == "tiny.en"
     assert 'whisper_gpu_model_loads_total{outcome="failed"} 1.0' in (await get(http, server, "/metrics"))[1]
+
+    # Choosing the serving model again loads nothing and keeps the report; the next load that works clears it.
+    status, body = await patch(http, server, {"model": "tiny.en"})
+    assert (status, body["reload"]) == (200, False)
+    status, body = await patch(http, server, {"compute_type": "float32"})
+    assert (status, body["reload"]) == (200, True)
+    switched = await wait_for_state(http, server, serving("tiny.en", "float32"))
+    assert (switched["error"], switched["last_failure"]) == (None, None)
 
 
 async def test_memory_check_refuses_a_switch_that_would_not_fit(
@@ -402,8 +424,8 @@ async def test_a_failed_switch_takes_back_the_whole_change(
     _, before = await get(http, server, "/api/v1/settings")
     status, body = await patch(http, server, {"model": "nobody/x", "language": "de", "beam_size": 2})
     assert (status, body["reload"]) == (200, True)
-    failed = await wait_for_state(http, server, lambda status: status["state"] == "failed")
-    assert failed["error"]["code"] == "download_failed"
+    failed = await wait_for_state(http, server, load_ended)
+    assert (failed["state"], failed["last_failure"]["code"]) == ("ready", "not_available_offline")
     _, after = await get(http, server, "/api/v1/settings")
     assert after == before  # model, language and beam size: none of the change stays
     stored = server.data_dir / "settings.json"

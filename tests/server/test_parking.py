@@ -273,7 +273,10 @@ async def test_the_idle_timer_never_parks_a_transcription_in_flight(
 
     One thread and no live transcripts make the transcription one long job; the idle time starts after it.
     """
-    one_long_job = ["--cpu-threads", "1", "--beam-size", "10", "--no-endpointing", "--partial-interval-s", "0"]
+    one_long_job = [
+        *("--cpu-threads", "1", "--beam-size", "10", "--encoder-window-s", "30"),
+        *("--no-endpointing", "--partial-interval-s", "0"),
+    ]
     server = start_server(args=[*TINY, "--keep-alive-s", str(KEEP_ALIVE_S), *one_long_job])
     await wait_for(http, server, parked, timeout=30)
     # Brought back first, so that the transcription's job starts at once and the idle time runs out during it.
