@@ -1,6 +1,7 @@
 """Client for a whisper-gpu server: its HTTP control API and its Wyoming port."""
 
 import asyncio
+import ssl
 from collections.abc import AsyncGenerator, AsyncIterable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -34,6 +35,10 @@ class WhisperGpuError(Exception):
 
 class WhisperGpuConnectionError(WhisperGpuError):
     """The server cannot be reached, or the connection broke."""
+
+
+class WhisperGpuCertificateError(WhisperGpuConnectionError):
+    """The control port's certificate is not trusted (or the CA given is no PEM certificate)."""
 
 
 class WhisperGpuAuthError(WhisperGpuError):
@@ -192,7 +197,7 @@ def _str(value: Any) -> str:
 class WhisperGpuClient:
     """Talks to one whisper-gpu server."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the connection settings of a config entry, each on its own
         self,
         session: aiohttp.ClientSession,
         host: str,
@@ -200,13 +205,41 @@ class WhisperGpuClient:
         wyoming_port: int,
         control_port: int,
         token: str,
+        tls: bool = False,
+        ca_pem: str | None = None,
+        server_hostname: str | None = None,
     ) -> None:
-        """Set up the client; nothing is sent yet."""
+        """Set up the client; nothing is sent yet.
+
+        With tls the control API is spoken over HTTPS and the certificate is verified: against ca_pem (PEM
+        text of the CA, or of a self-signed certificate) when given, else against the system's trust store.
+        server_hostname is the name the certificate must carry when host is an address (a replica behind a
+        headless Service); by default host itself.
+        """
         self._session = session
         self.host = host
         self.wyoming_port = wyoming_port
-        self._base_url = URL.build(scheme="http", host=host, port=control_port)
+        self._base_url = URL.build(scheme="https" if tls else "http", host=host, port=control_port)
         self._token = token
+        self._tls = tls
+        self._ca_pem = ca_pem
+        self._server_hostname = server_hostname
+        self._ssl_context: ssl.SSLContext | None = None
+
+    def _verification(self) -> ssl.SSLContext | bool:
+        """The `ssl` argument of each request: the given CA, else the session's default (system) verification."""
+        if not (self._tls and self._ca_pem):
+            return True
+        if self._ssl_context is None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the host name
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            try:
+                # cadata only: parsing text in memory, no file access (Home Assistant allows it in the loop).
+                context.load_verify_locations(cadata=self._ca_pem)
+            except (ssl.SSLError, ValueError) as err:
+                raise WhisperGpuCertificateError(f"The CA certificate is no PEM certificate: {err}") from err
+            self._ssl_context = context
+        return self._ssl_context
 
     async def _request(
         self,
@@ -219,6 +252,7 @@ class WhisperGpuClient:
     ) -> tuple[int, Any]:
         """Send one request; return the status and the JSON body (None if none)."""
         headers = {"Authorization": f"Bearer {self._token}"} if auth else {}
+        verification = self._verification()
         try:
             async with self._session.request(
                 method,
@@ -226,12 +260,16 @@ class WhisperGpuClient:
                 json=json,
                 headers=headers,
                 timeout=time_limit,
+                ssl=verification,
+                server_hostname=self._server_hostname if self._tls else None,
             ) as response:
                 try:
                     body = await response.json(content_type=None)
                 except ValueError:
                     body = None
                 return response.status, body
+        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as err:
+            raise WhisperGpuCertificateError(f"{method} {path} failed: {_describe_error(err)}") from err
         except (aiohttp.ClientError, TimeoutError) as err:
             raise WhisperGpuConnectionError(f"{method} {path} failed: {_describe_error(err)}") from err
 

@@ -232,10 +232,17 @@ def _local_host(settings: ResolvedSettings) -> str:
 
 
 def _get_json(settings: ResolvedSettings, path: str, timeout: float) -> object | None:
-    """GET a control-port path; the JSON body (also of 503 answers), or None when nothing answers."""
-    url = f"http://{_local_host(settings)}:{settings['control_port']}{path}"
+    """GET a control-port path; the JSON body (also of 503 answers), or None when nothing answers.
+
+    With CONTROL_TLS_CERT set, over HTTPS trusting exactly that certificate (tls.local_client_context).
+    """
+    from .tls import control_tls_enabled, local_client_context  # noqa: PLC0415
+
+    tls = control_tls_enabled(settings.values)
+    url = f"{'https' if tls else 'http'}://{_local_host(settings)}:{settings['control_port']}{path}"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        context = local_client_context(settings.values) if tls else None
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:  # noqa: S310 - our own URL
             return _json_body(response.read())
     except urllib.error.HTTPError as err:
         return _json_body(err.read())

@@ -20,12 +20,15 @@ WYOMING_SERVICE_TYPE = "_wyoming._tcp.local."
 class Announcer:
     """Registers `_whisper-gpu._tcp` (and `_wyoming._tcp` in `wyoming` mode) until closed."""
 
-    def __init__(self, mode: str, server_id: str, host: str, wyoming_port: int, control_port: int) -> None:
+    def __init__(  # noqa: PLR0913 - what is announced, each on its own
+        self, mode: str, server_id: str, host: str, wyoming_port: int, control_port: int, *, control_tls: bool = False
+    ) -> None:
         self._mode = mode
         self._server_id = server_id
         self._host = host
         self._wyoming_port = wyoming_port
         self._control_port = control_port
+        self._control_tls = control_tls
         self._zeroconf: AsyncZeroconf | None = None
         self._infos: list[AsyncServiceInfo] = []
 
@@ -49,7 +52,7 @@ class Announcer:
         _LOGGER.info("Announced %s on %s", " and ".join(info.type for info in self._infos), ", ".join(addresses))
 
     def service_infos(self, addresses: list[str]) -> list[AsyncServiceInfo]:
-        """What is announced: our own type, plus Wyoming's in `wyoming` mode, with the ports and id in TXT."""
+        """What is announced: our own type, plus Wyoming's in `wyoming` mode, with the ports, TLS and id in TXT."""
         types = [SERVICE_TYPE] + ([WYOMING_SERVICE_TYPE] if self._mode == "wyoming" else [])
         instance = f"whisper-gpu-{self._server_id[:8]}"
         properties = {
@@ -57,6 +60,8 @@ class Announcer:
             "version": __version__,
             "wyoming_port": str(self._wyoming_port),
             "control_port": str(self._control_port),
+            # Whether the control port speaks HTTPS (CONTROL_TLS_CERT), so a client knows the scheme to use.
+            "control_tls": "true" if self._control_tls else "false",
         }
         return [
             AsyncServiceInfo(

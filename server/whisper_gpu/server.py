@@ -17,6 +17,7 @@ from .control import create_app
 from .discovery import Announcer
 from .engine import UnsupportedOnDeviceError
 from .service import Service
+from .tls import TlsSettingsError, server_context
 from .wyoming_handler import MAX_HEADER_BYTES, ConnectionLimits, WyomingHandler, linger
 
 _LOGGER = logging.getLogger(__name__)
@@ -101,6 +102,11 @@ class WyomingServer:
 async def serve(boot: ResolvedSettings) -> int:
     """Run until SIGTERM or SIGINT; the exit code."""
     try:
+        control_ssl = server_context(boot.values)
+    except TlsSettingsError as err:
+        _LOGGER.error("Cannot start: %s", err)  # noqa: TRY400 - a settings problem, not a crash
+        return 2
+    try:
         service = Service(boot)
     except OSError as err:
         _LOGGER.error(  # noqa: TRY400 - a setup problem, not a crash
@@ -112,7 +118,7 @@ async def serve(boot: ResolvedSettings) -> int:
     runner = web.AppRunner(create_app(service, stopping.is_set), access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, boot["control_port"]).start()
+        await web.TCPSite(runner, host, boot["control_port"], ssl_context=control_ssl).start()
         await service.start()
     except UnsupportedOnDeviceError as err:
         _LOGGER.error("Cannot start: %s", err)  # noqa: TRY400 - a settings problem, not a crash
@@ -131,15 +137,23 @@ async def serve(boot: ResolvedSettings) -> int:
         await runner.cleanup()
         return 1
     _LOGGER.info(
-        "Listening: Wyoming tcp://%s:%s, control http://%s:%s (server id %s, data in %s)",
+        "Listening: Wyoming tcp://%s:%s, control %s://%s:%s (server id %s, data in %s)",
         host,
         boot["wyoming_port"],
+        "https" if control_ssl else "http",
         host,
         boot["control_port"],
         service.server_id,
         service.data_dir,
     )
-    announcer = Announcer(boot["zeroconf"], service.server_id, host, boot["wyoming_port"], boot["control_port"])
+    announcer = Announcer(
+        boot["zeroconf"],
+        service.server_id,
+        host,
+        boot["wyoming_port"],
+        boot["control_port"],
+        control_tls=control_ssl is not None,
+    )
     await announcer.start()
 
     loop = asyncio.get_running_loop()

@@ -507,6 +507,19 @@ SETTINGS: Mapping[str, SettingSpec] = _spec_table(
         name="control_token", kind=str, default="", secret=True, description="Bearer token for control changes"
     ),
     SettingSpec(name="control_token_file", kind=str, default="", description="File holding the control token"),
+    SettingSpec(
+        name="control_tls_cert",
+        kind=str,
+        default="",
+        description="PEM certificate (chain) file: the control port then speaks only HTTPS; set with "
+        "control_tls_key (a cert-manager Secret gives tls.crt and tls.key)",
+    ),
+    SettingSpec(
+        name="control_tls_key",
+        kind=str,
+        default="",
+        description="PEM private key file of control_tls_cert; both or neither",
+    ),
 )
 
 RUNTIME_SETTINGS: tuple[str, ...] = tuple(name for name, spec in SETTINGS.items() if spec.runtime)

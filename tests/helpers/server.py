@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -22,6 +23,8 @@ from wyoming.asr import Transcribe
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
 from wyoming.event import Event
+
+from helpers.tls import CertificateFiles
 
 STREAMING_EVENT = re.compile(r"^transcript-(start|chunk|stop)$")
 TOKEN = "test-token-0123456789abcdef"  # noqa: S105 - a test credential
@@ -79,12 +82,17 @@ class ServerProcess:
     offline: bool = True
     wyoming_port: int = field(default_factory=free_port)
     control_port: int = field(default_factory=free_port)
+    tls: CertificateFiles | None = None
     process: subprocess.Popen[bytes] | None = None
 
     @property
     def control_url(self) -> str:
-        """Base URL of the control API."""
-        return f"http://127.0.0.1:{self.control_port}"
+        """Base URL of the control API (https when the server was given a certificate)."""
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.control_port}"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A client context that trusts exactly the server's certificate (None for plain HTTP)."""
+        return ssl.create_default_context(cafile=str(self.tls.cert)) if self.tls else None
 
     @property
     def log_path(self) -> Path:
@@ -113,6 +121,8 @@ class ServerProcess:
             command += ["--model", self.model]
         if self.token:
             command += ["--control-token", self.token]
+        if self.tls:
+            command += ["--control-tls-cert", str(self.tls.cert), "--control-tls-key", str(self.tls.key)]
         return command + self.args
 
     def start(self, *, wait: bool = True) -> ServerProcess:
@@ -169,7 +179,7 @@ class ServerProcess:
         if token:
             request.add_header("Authorization", f"Bearer {token}")
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            with urllib.request.urlopen(request, timeout=10, context=self.ssl_context()) as response:  # noqa: S310
                 return response.status, _decode(response.read())
         except urllib.error.HTTPError as err:
             return err.code, _decode(err.read())

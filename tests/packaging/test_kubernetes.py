@@ -1,8 +1,8 @@
 """Every kustomization renders, every object is valid Kubernetes, and the deployment keeps its promises.
 
 Each overlay is built, and each component on top of the base, with `kubectl kustomize`; core objects are
-validated strictly with kubernetes-validate, the ServiceMonitor (a custom resource it has no schema for)
-field by field here.
+validated strictly with kubernetes-validate, the ServiceMonitor and the cert-manager Certificate (custom
+resources it has no schema for) field by field here.
 """
 
 from __future__ import annotations
@@ -45,7 +45,21 @@ SERVICEMONITOR_ENDPOINT_FIELDS = {
     "params", "path", "port", "proxyConnectHeader", "proxyFromEnvironment", "proxyUrl", "relabelings", "scheme",
     "scrapeTimeout", "targetPort", "tlsConfig", "trackTimestampsStaleness",
 }  # fmt: skip
+CERTIFICATE_SPEC_FIELDS = {
+    "additionalOutputFormats", "commonName", "dnsNames", "duration", "emailAddresses", "encodeUsagesInRequest",
+    "ipAddresses", "isCA", "issuerRef", "keystores", "literalSubject", "nameConstraints", "otherNames",
+    "privateKey", "renewBefore", "renewBeforePercentage", "revisionHistoryLimit", "secretName",
+    "secretTemplate", "signatureAlgorithm", "subject", "uris", "usages",
+}  # fmt: skip
+CERTIFICATE_USAGES = {
+    "signing", "digital signature", "content commitment", "key encipherment", "key agreement",
+    "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any", "server auth",
+    "client auth", "code signing", "email protection", "s/mime", "ipsec end system", "ipsec tunnel",
+    "ipsec user", "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc",
+}  # fmt: skip
+CUSTOM_GROUPS = ("monitoring.coreos.com/", "cert-manager.io/")
 CLUSTER_SCOPED = {"Namespace"}
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 
 
 def kustomization_dirs(kind: str) -> list[Path]:
@@ -78,8 +92,17 @@ class Build:
         return matches[0]
 
     @property
+    def workload(self) -> dict[str, Any]:
+        """The server's pods: the base's Deployment, or the StatefulSet of overlays/replicas."""
+        matches = [
+            obj for kind in WORKLOAD_KINDS for obj in self.of_kind(kind) if obj["metadata"]["name"] == "whisper-gpu"
+        ]
+        assert len(matches) == 1, f"{self.name}: expected one Deployment or StatefulSet whisper-gpu"
+        return matches[0]
+
+    @property
     def pod(self) -> dict[str, Any]:
-        return self.one("Deployment", "whisper-gpu")["spec"]["template"]
+        return self.workload["spec"]["template"]
 
     @property
     def container(self) -> dict[str, Any]:
@@ -125,12 +148,16 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> list[Build]:
         name = component.name
         rendered.append(Build(f"base+{name}", compose(work / name, [base], [component]), {name}))
     # Components are meant to be combined: the GPU node reached from outside and monitored, and the CPU variant.
-    combinations = {
-        "overlays/gpu": ["servicemonitor", "external-loadbalancer"],
-        "overlays/yeezyai": ["servicemonitor", "external-loadbalancer"],
-        "overlays/cpu": ["servicemonitor", "external-nodeport"],
-    }
-    for overlay, names in combinations.items():
+    # The TLS component after the ServiceMonitor, as its comment asks, so that both are patched.
+    combinations = [
+        ("overlays/gpu", ["servicemonitor", "external-loadbalancer"]),
+        ("overlays/gpu", ["servicemonitor", "external-loadbalancer", "control-tls"]),
+        ("overlays/yeezyai", ["servicemonitor", "external-loadbalancer"]),
+        ("overlays/cpu", ["servicemonitor", "external-nodeport"]),
+        ("overlays/replicas", ["servicemonitor", "control-tls"]),
+        ("overlays/replicas", ["servicemonitor", "external-loadbalancer", "control-tls"]),
+    ]
+    for overlay, names in combinations:
         paths = [KUSTOMIZE / "components" / name for name in names]
         label = f"{overlay}+{'+'.join(names)}"
         rendered.append(Build(label, compose(work / label.replace("/", "_"), [KUSTOMIZE / overlay], paths), set(names)))
@@ -145,16 +172,18 @@ def each(builds: list[Build]) -> Iterator[tuple[Build, dict[str, Any]]]:
 
 def test_every_overlay_and_component_is_rendered(builds: list[Build]) -> None:
     names = {build.name for build in builds}
-    assert {"base", "overlays/gpu", "overlays/yeezyai", "overlays/cpu"} <= names
+    assert {"base", "overlays/gpu", "overlays/yeezyai", "overlays/cpu", "overlays/replicas"} <= names
     used = set().union(*(build.components for build in builds))
     assert used == {component.name for component in COMPONENTS}
-    assert {"node-yeezyai", "cpu-only", "external-loadbalancer", "external-nodeport", "servicemonitor"} <= used
+    assert {
+        "node-yeezyai", "cpu-only", "external-loadbalancer", "external-nodeport", "servicemonitor", "control-tls"
+    } <= used  # fmt: skip
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_every_core_object_is_valid(builds: list[Build], version: str) -> None:
     for build, obj in each(builds):
-        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+        if obj["apiVersion"].startswith(CUSTOM_GROUPS):
             continue
         try:
             kubernetes_validate.validate(obj, version, strict=True)
@@ -172,7 +201,7 @@ def test_everything_lives_in_the_whisper_namespace(builds: list[Build]) -> None:
 def test_the_seed_names_are_kept(builds: list[Build]) -> None:
     for build in builds:
         build.one("Namespace", NAMESPACE)
-        build.one("Deployment", "whisper-gpu")
+        assert build.workload
         build.one("ConfigMap", "whisper-gpu-configmap")
         service = build.one("Service", "whisper-gpu")
         assert service["spec"]["type"] == "ClusterIP"
@@ -194,11 +223,14 @@ def test_configmap_holds_server_settings(builds: list[Build], server_settings: d
         assert set(env) <= set(by_env), f"{build.name}: container env names that are no settings"
 
 
-def test_one_hardened_replica(builds: list[Build]) -> None:
+def test_hardened_replicas(builds: list[Build]) -> None:
     for build in builds:
-        deployment = build.one("Deployment", "whisper-gpu")
-        assert deployment["spec"]["replicas"] == 1
-        assert deployment["spec"]["strategy"]["type"] == "Recreate", "one GPU and a ReadWriteOnce volume"
+        workload = build.workload
+        if workload["kind"] == "Deployment":
+            assert workload["spec"]["replicas"] == 1
+            assert workload["spec"]["strategy"]["type"] == "Recreate", "one GPU and a ReadWriteOnce volume"
+        else:
+            assert workload["spec"]["replicas"] >= 2, f"{build.name}: a StatefulSet is for several replicas"
         pod = build.pod["spec"]
         assert pod["securityContext"]["runAsUser"] == 1000
         assert pod["securityContext"]["runAsNonRoot"] is True
@@ -215,8 +247,14 @@ def test_data_and_tmp_are_the_writable_places(builds: list[Build]) -> None:
     for build in builds:
         mounts = {mount["mountPath"]: mount for mount in build.container["volumeMounts"]}
         volumes = {volume["name"]: volume for volume in build.pod["spec"]["volumes"]}
-        data = volumes[mounts["/data"]["name"]]
-        claim = build.one("PersistentVolumeClaim", data["persistentVolumeClaim"]["claimName"])
+        if build.workload["kind"] == "StatefulSet":
+            assert mounts["/data"]["name"] not in volumes, "each replica's /data is its own claim"
+            templates = {claim["metadata"]["name"]: claim for claim in build.workload["spec"]["volumeClaimTemplates"]}
+            claim = templates[mounts["/data"]["name"]]
+            assert not build.of_kind("PersistentVolumeClaim"), "no volume shared between replicas"
+        else:
+            data = volumes[mounts["/data"]["name"]]
+            claim = build.one("PersistentVolumeClaim", data["persistentVolumeClaim"]["claimName"])
         assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
         assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
         for path, mount in mounts.items():
@@ -439,3 +477,153 @@ def test_servicemonitor_scrapes_the_control_port(builds: list[Build]) -> None:
 def _seconds(duration: str) -> float:
     units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
     return sum(float(n) * units[u] for n, u in re.findall(r"(\d+)(ms|[smhdwy])", duration))
+
+
+def _replicas_builds(builds: list[Build]) -> list[Build]:
+    found = [build for build in builds if build.name.startswith("overlays/replicas")]
+    assert found
+    return found
+
+
+def test_replicas_each_have_a_gpu_a_cache_and_a_node_of_their_own(builds: list[Build]) -> None:
+    for build in _replicas_builds(builds):
+        statefulset = build.one("StatefulSet", "whisper-gpu")
+        spec = statefulset["spec"]
+        assert spec["replicas"] >= 2
+        assert build.container["resources"]["limits"]["nvidia.com/gpu"] == 1, "one GPU per replica"
+        (claim,) = spec["volumeClaimTemplates"]
+        assert claim["metadata"]["name"] == "data"
+        assert claim["spec"]["resources"]["requests"]["storage"] == "10Gi", "a model cache per replica"
+        (term,) = build.pod["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        assert term["labelSelector"]["matchLabels"].items() <= build.pod["metadata"]["labels"].items()
+        assert spec["selector"]["matchLabels"].items() <= build.pod["metadata"]["labels"].items()
+
+
+def test_the_control_name_resolves_to_every_replica(builds: list[Build]) -> None:
+    """Headless, ready or not: one address per pod for the integration; Wyoming balanced over ready pods only."""
+    for build in _replicas_builds(builds):
+        control = build.one("Service", "whisper-gpu-control")
+        assert control["spec"]["clusterIP"] == "None"
+        assert control["spec"]["publishNotReadyAddresses"] is True
+        assert build.one("StatefulSet", "whisper-gpu")["spec"]["serviceName"] == "whisper-gpu-control"
+        wyoming = build.one("Service", "whisper-gpu")
+        assert wyoming["spec"].get("clusterIP") != "None", "Wyoming clients get one balanced address"
+        assert not wyoming["spec"].get("publishNotReadyAddresses")
+
+
+def test_a_drain_takes_one_replica_at_a_time(builds: list[Build]) -> None:
+    for build in _replicas_builds(builds):
+        budget = build.one("PodDisruptionBudget", "whisper-gpu")["spec"]
+        assert budget["selector"]["matchLabels"].items() <= build.pod["metadata"]["labels"].items()
+        replicas = build.one("StatefulSet", "whisper-gpu")["spec"]["replicas"]
+        unavailable = budget.get("maxUnavailable", replicas - budget.get("minAvailable", replicas))
+        assert 1 <= unavailable < replicas
+
+
+def test_the_autoscaler_follows_a_metric_the_server_exports(builds: list[Build]) -> None:
+    from whisper_gpu.metrics import Metrics  # noqa: PLC0415 - the server package, only for this check
+
+    exported = {family.name: family.type for family in Metrics(lambda: None).registry.collect()}
+    for build in _replicas_builds(builds):
+        autoscaler = build.one("HorizontalPodAutoscaler", "whisper-gpu")
+        assert autoscaler["apiVersion"] == "autoscaling/v2"
+        spec = autoscaler["spec"]
+        assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "whisper-gpu"}
+        assert 2 <= spec["minReplicas"] <= spec["maxReplicas"]
+        (metric,) = spec["metrics"]
+        assert metric["type"] == "Pods"
+        name = metric["pods"]["metric"]["name"]
+        assert name == "whisper_gpu_requests_queued"
+        assert exported.get(name) == "gauge", f"{name} is no gauge the server exports"
+        assert metric["pods"]["target"]["type"] == "AverageValue"
+
+
+def test_the_replicas_pod_is_the_base_pod(builds: list[Build]) -> None:
+    """statefulset.yaml repeats the base's pod: it may differ only in anti-affinity and where /data comes from."""
+    (base,) = [build for build in builds if build.name == "overlays/gpu"]
+    (replicas,) = [build for build in builds if build.name == "overlays/replicas"]
+
+    def comparable(pod: dict[str, Any]) -> dict[str, Any]:
+        spec = {key: value for key, value in pod["spec"].items() if key != "affinity"}
+        spec["volumes"] = [volume for volume in spec["volumes"] if volume["name"] != "data"]
+        return {"metadata": pod["metadata"], "spec": spec}
+
+    assert comparable(replicas.pod) == comparable(base.pod)
+
+
+def test_the_tls_component_serves_the_control_port_from_the_certificate(builds: list[Build]) -> None:
+    tls_builds = [build for build in builds if "control-tls" in build.components]
+    assert {build.workload["kind"] for build in tls_builds} == {"Deployment", "StatefulSet"}
+    for build in tls_builds:
+        (certificate,) = build.of_kind("Certificate")
+        assert certificate["apiVersion"] == "cert-manager.io/v1"
+        spec = certificate["spec"]
+        assert set(spec) <= CERTIFICATE_SPEC_FIELDS, set(spec) - CERTIFICATE_SPEC_FIELDS
+        assert set(spec["usages"]) <= CERTIFICATE_USAGES
+        assert "server auth" in spec["usages"]
+        assert {"kind", "name"} <= set(spec["issuerRef"])
+        assert _seconds(spec["renewBefore"]) < _seconds(spec["duration"])
+        names = set(spec["dnsNames"])
+        assert {"whisper-gpu-control.whisper.svc", "*.whisper-gpu-control.whisper.svc.cluster.local"} <= names
+        env = {item["name"]: item["value"] for item in build.container["env"]}
+        cert, key = Path(env["CONTROL_TLS_CERT"]), Path(env["CONTROL_TLS_KEY"])
+        assert cert.parent == key.parent
+        mount = next(m for m in build.container["volumeMounts"] if Path(m["mountPath"]) == cert.parent)
+        assert mount["readOnly"] is True
+        volume = next(v for v in build.pod["spec"]["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["secretName"] == spec["secretName"]
+        assert {"key": "tls.crt", "path": cert.name} in volume["secret"]["items"]
+        assert {"key": "tls.key", "path": key.name} in volume["secret"]["items"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert build.container[probe]["httpGet"]["scheme"] == "HTTPS", "the port answers nothing else"
+        for monitor in build.of_kind("ServiceMonitor"):
+            (endpoint,) = monitor["spec"]["endpoints"]
+            assert endpoint["scheme"] == "https"
+            assert endpoint["tlsConfig"]["ca"]["secret"] == {"name": spec["secretName"], "key": "ca.crt"}
+            assert endpoint["tlsConfig"]["serverName"] in names
+    for build in builds:
+        if "control-tls" not in build.components:
+            assert "CONTROL_TLS_CERT" not in {item["name"] for item in build.container["env"]}
+            assert build.container["readinessProbe"]["httpGet"].get("scheme", "HTTP") == "HTTP"
+
+
+def test_the_documented_adapter_rule_offers_the_autoscalers_metric_per_pod(builds: list[Build]) -> None:
+    """The Prometheus adapter rule in docs/deploy.md names the HPA's metric and maps it onto pods."""
+    text = (REPO / "docs" / "deploy.md").read_text(encoding="utf-8")
+    match = re.search(r"```yaml\n# prometheus-adapter rules.*?\n(.*?)```", text, re.DOTALL)
+    assert match, "docs/deploy.md shows the adapter rule"
+    (rule,) = yaml.safe_load(match.group(1))
+    (replicas,) = [build for build in builds if build.name == "overlays/replicas"]
+    (metric,) = replicas.one("HorizontalPodAutoscaler", "whisper-gpu")["spec"]["metrics"]
+    name = metric["pods"]["metric"]["name"]
+    assert rule["seriesQuery"].startswith(name + "{")
+    assert re.fullmatch(rule["name"]["matches"], name)
+    assert rule["name"]["as"] == name
+    assert rule["resources"]["overrides"] == {
+        "namespace": {"resource": "namespace"},
+        "pod": {"resource": "pod"},
+    }
+    for placeholder in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
+        assert placeholder in rule["metricsQuery"]
+
+
+def test_the_documented_tls_overlay_sets_the_issuer_and_the_outside_name(tmp_path: Path) -> None:
+    """The TLS example in docs/deploy.md renders on top of the replicas overlay and does what it says."""
+    text = (REPO / "docs" / "deploy.md").read_text(encoding="utf-8")
+    tls_section = text[text.index("### TLS on the control port") :]
+    match = re.search(r"```yaml\n(components:\n.*?)```", tls_section, re.DOTALL)
+    assert match, "docs/deploy.md shows how to set the issuer"
+    (tmp_path / "deploy").symlink_to(KUSTOMIZE.parent)
+    overlay = tmp_path / "my-whisper"
+    overlay.mkdir()
+    head = "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n"
+    head += "  - ../deploy/kubernetes/overlays/replicas\n"
+    (overlay / "kustomization.yaml").write_text(head + match.group(1), encoding="utf-8")
+    build = Build("my-whisper", kustomize(overlay), {"servicemonitor", "control-tls"})
+    (certificate,) = build.of_kind("Certificate")
+    assert certificate["spec"]["issuerRef"]["kind"] == "Issuer"
+    assert "whisper.example.lan" in certificate["spec"]["dnsNames"]
+    (monitor,) = build.of_kind("ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["scheme"] == "https"
+    assert build.container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"

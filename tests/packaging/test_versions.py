@@ -20,6 +20,7 @@ STAMPED = (
     "addon/CHANGELOG.md",
     "custom_components/whisper_gpu/manifest.json",
     "deploy/kubernetes/base/kustomization.yaml",
+    "deploy/kubernetes/overlays/replicas/kustomization.yaml",
 )
 
 

@@ -30,7 +30,14 @@ def test_announcement_carries_id_version_and_ports(mode: str, types: list[str]) 
             "version": __version__,
             "wyoming_port": "10300",
             "control_port": "10301",
+            "control_tls": "false",
         }
+
+
+def test_announcement_says_when_the_control_port_speaks_https() -> None:
+    announcer = Announcer("whisper-gpu", "0123456789abcdef", "192.0.2.7", 10300, 10301, control_tls=True)
+    (info,) = announcer.service_infos(["192.0.2.7"])
+    assert info.decoded_properties["control_tls"] == "true"
 
 
 class RecordingZeroconf:
