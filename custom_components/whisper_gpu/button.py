@@ -4,11 +4,8 @@ from typing import override
 
 from homeassistant.components.button import ButtonEntity, ButtonEntityDescription
 from homeassistant.core import HomeAssistant
-from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
-from .api import WhisperGpuAuthError, WhisperGpuError, WhisperGpuSettingsError
-from .const import DOMAIN
 from .data import WhisperGpuConfigEntry
 from .entity import WhisperGpuEntity
 
@@ -32,21 +29,6 @@ class WhisperGpuParkButton(WhisperGpuEntity, ButtonEntity):
     @override
     async def async_press(self) -> None:
         """Ask the server to park its model; returns once it is parked."""
-        try:
+        with self.control_errors("park_refused"):
             await self.coordinator.client.async_park()
-        except WhisperGpuAuthError as err:
-            self.coordinator.config_entry.async_start_reauth(self.hass)
-            raise HomeAssistantError(translation_domain=DOMAIN, translation_key="invalid_auth") from err
-        except WhisperGpuSettingsError as err:
-            raise HomeAssistantError(
-                translation_domain=DOMAIN,
-                translation_key="park_refused",
-                translation_placeholders={"code": ", ".join(err.errors.values())},
-            ) from err
-        except WhisperGpuError as err:
-            raise HomeAssistantError(
-                translation_domain=DOMAIN,
-                translation_key="cannot_connect",
-                translation_placeholders={"error": str(err)},
-            ) from err
         await self.coordinator.async_request_refresh()

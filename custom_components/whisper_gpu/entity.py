@@ -1,9 +1,14 @@
 """Base entity of the whisper-gpu integration."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers.device_registry import DeviceEntryType, DeviceInfo
 from homeassistant.helpers.entity import EntityDescription
 from homeassistant.helpers.update_coordinator import CoordinatorEntity
 
+from .api import WhisperGpuAuthError, WhisperGpuError, WhisperGpuSettingsError
 from .const import DOMAIN
 from .coordinator import WhisperGpuCoordinator
 
@@ -28,3 +33,27 @@ class WhisperGpuEntity(CoordinatorEntity[WhisperGpuCoordinator]):
             sw_version=coordinator.info.version,
             entry_type=DeviceEntryType.SERVICE,
         )
+
+    @contextmanager
+    def control_errors(self, refused_key: str, **placeholders: str) -> Iterator[None]:
+        """Raise what a control call's failure means to the user, translated; a rejected token starts reauth.
+
+        A refusal with the server's codes raises `refused_key` with the codes as `{code}` beside `placeholders`.
+        """
+        try:
+            yield
+        except WhisperGpuAuthError as err:
+            self.coordinator.config_entry.async_start_reauth(self.hass)
+            raise HomeAssistantError(translation_domain=DOMAIN, translation_key="invalid_auth") from err
+        except WhisperGpuSettingsError as err:
+            raise HomeAssistantError(
+                translation_domain=DOMAIN,
+                translation_key=refused_key,
+                translation_placeholders={**placeholders, "code": ", ".join(err.errors.values())},
+            ) from err
+        except WhisperGpuError as err:
+            raise HomeAssistantError(
+                translation_domain=DOMAIN,
+                translation_key="cannot_connect",
+                translation_placeholders={"error": str(err)},
+            ) from err

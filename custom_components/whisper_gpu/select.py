@@ -8,7 +8,7 @@ from homeassistant.core import HomeAssistant
 from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
-from .api import LoadFailure, WhisperGpuAuthError, WhisperGpuError, WhisperGpuSettingsError
+from .api import LoadFailure
 from .const import DOMAIN, SETTING_MODEL
 from .data import WhisperGpuConfigEntry
 from .entity import WhisperGpuEntity
@@ -56,28 +56,9 @@ class WhisperGpuModelSelect(WhisperGpuEntity, SelectEntity):
     async def async_select_option(self, option: str) -> None:
         """Ask the server to switch to another model; return once it serves it, or raise why it could not."""
         client = self.coordinator.client
-        try:
+        with self.control_errors("setting_rejected", setting=SETTING_MODEL, value=option):
             before = (await client.async_get_status()).last_failure
             await client.async_update_settings({SETTING_MODEL: option})
-        except WhisperGpuAuthError as err:
-            self.coordinator.config_entry.async_start_reauth(self.hass)
-            raise HomeAssistantError(translation_domain=DOMAIN, translation_key="invalid_auth") from err
-        except WhisperGpuSettingsError as err:
-            raise HomeAssistantError(
-                translation_domain=DOMAIN,
-                translation_key="setting_rejected",
-                translation_placeholders={
-                    "setting": SETTING_MODEL,
-                    "value": option,
-                    "code": ", ".join(err.errors.values()),
-                },
-            ) from err
-        except WhisperGpuError as err:
-            raise HomeAssistantError(
-                translation_domain=DOMAIN,
-                translation_key="cannot_connect",
-                translation_placeholders={"error": str(err)},
-            ) from err
         await self.coordinator.async_request_refresh()
         # Returns at once when the server had nothing to load (the model it serves already).
         await self._async_wait_for_load(option, before)
@@ -85,16 +66,11 @@ class WhisperGpuModelSelect(WhisperGpuEntity, SelectEntity):
     async def _async_wait_for_load(self, option: str, before: LoadFailure | None) -> None:
         """Follow the load to its end; raise the translated reason when it failed."""
         try:
-            failure = await async_wait_for_load(self.coordinator.client, before)
+            with self.control_errors("setting_rejected", setting=SETTING_MODEL, value=option):
+                failure = await async_wait_for_load(self.coordinator.client, before)
         except TimeoutError as err:
             raise HomeAssistantError(
                 translation_domain=DOMAIN, translation_key="load_timeout", translation_placeholders={"model": option}
-            ) from err
-        except WhisperGpuError as err:
-            raise HomeAssistantError(
-                translation_domain=DOMAIN,
-                translation_key="cannot_connect",
-                translation_placeholders={"error": str(err)},
             ) from err
         finally:
             await self.coordinator.async_request_refresh()
