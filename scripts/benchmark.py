@@ -31,12 +31,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import jiwer
-from helpers.server import ServerProcess, free_port
+from helpers.server import ServerProcess, free_port, timed_transcript
 from helpers.speech import COMMANDS, Utterance, synthesize
 from whisper_normalizer.english import EnglishTextNormalizer
-from wyoming.asr import Transcribe, Transcript
-from wyoming.audio import AudioChunk, AudioStart, AudioStop
-from wyoming.client import AsyncTcpClient
 
 VOICES = ("en-us+f2", "en-gb+m3", "en-us+m7")
 CONCURRENCY = (4, 8, 16)
@@ -93,32 +90,13 @@ def _pct(values: list[float], pct: int) -> float:
     return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
 
 
-async def request(port: int, clip: Clip) -> tuple[str, float]:
-    """One request; the latency runs from sending `audio-stop` to receiving the transcript."""
-    async with AsyncTcpClient("127.0.0.1", port) as client:
-        await client.write_event(Transcribe(language="en").event())
-        await client.write_event(AudioStart(rate=16_000, width=2, channels=1).event())
-        for start in range(0, len(clip.pcm), 32_000):
-            chunk = clip.pcm[start : start + 32_000]
-            await client.write_event(AudioChunk(rate=16_000, width=2, channels=1, audio=chunk).event())
-        await client.write_event(AudioStop().event())
-        stopped = time.perf_counter()
-        while True:
-            event = await asyncio.wait_for(client.read_event(), timeout=300)
-            if event is None:
-                msg = "connection closed without a transcript"
-                raise RuntimeError(msg)
-            if Transcript.is_type(event.type):
-                return Transcript.from_event(event).text, (time.perf_counter() - stopped) * 1000
-
-
 async def drive(
     port: int, clips: list[Clip], figures: Figures, rounds: int, after_single: Callable[[], None] = lambda: None
 ) -> None:
     """First request, then every clip one at a time, then each concurrency level."""
-    _, figures.first_ms = await request(port, clips[0])
+    _, figures.first_ms = await timed_transcript(port, clips[0].pcm)
     for clip in clips:
-        text, latency = await request(port, clip)
+        text, latency = await timed_transcript(port, clip.pcm)
         figures.texts.append(text)
         figures.single.append(latency)
     after_single()
@@ -129,7 +107,7 @@ async def drive(
 
         async def client(offset: int, clients: int = clients, latencies: list[float] = latencies) -> None:
             for step in range(rounds):
-                _, latency = await request(port, clips[(offset + step * clients) % len(clips)])
+                _, latency = await timed_transcript(port, clips[(offset + step * clients) % len(clips)].pcm)
                 latencies.append(latency)
 
         begun = time.perf_counter()

@@ -30,12 +30,9 @@ from typing import Any
 
 import jiwer
 from whisper_normalizer.english import EnglishTextNormalizer
-from wyoming.asr import Transcribe, Transcript
-from wyoming.audio import AudioChunk, AudioStart, AudioStop
-from wyoming.client import AsyncTcpClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers.server import ServerProcess
+from helpers.server import ServerProcess, timed_transcript
 from helpers.speech import COMMANDS, Utterance, synthesize
 
 TEST_SET = Path(__file__).resolve().parents[1] / "tests" / "data" / "names.json"
@@ -96,23 +93,6 @@ def intruders(clips: list[Clip], texts: list[str], home: list[str]) -> list[str]
     return found
 
 
-async def request(port: int, clip: Clip, names: list[str] | None) -> tuple[str, float]:
-    """One request; the latency runs from `audio-stop` to the transcript."""
-    async with AsyncTcpClient("127.0.0.1", port) as client:
-        await client.write_event(Transcribe(language="en", transcript_names=names).event())
-        await client.write_event(AudioStart(rate=16_000, width=2, channels=1).event())
-        for start in range(0, len(clip.pcm), 32_000):
-            chunk = clip.pcm[start : start + 32_000]
-            await client.write_event(AudioChunk(rate=16_000, width=2, channels=1, audio=chunk).event())
-        await client.write_event(AudioStop().event())
-        stopped = time.perf_counter()
-        while (event := await asyncio.wait_for(client.read_event(), timeout=300)) is not None:
-            if Transcript.is_type(event.type):
-                return Transcript.from_event(event).text, (time.perf_counter() - stopped) * 1000
-    msg = "connection closed without a transcript"
-    raise RuntimeError(msg)
-
-
 def fallbacks(server: ServerProcess) -> float:
     """Pieces redone in the full window so far (whisper_gpu_window_fallbacks_total)."""
     _, text = server.get("/metrics")
@@ -128,7 +108,7 @@ async def measure(port: int, server: ServerProcess, clips: list[Clip], home: lis
         order = ((None, without, "without"), (home, with_names, "with"))
         for names, run, key in order if index % 2 == 0 else reversed(order):
             before = fallbacks(server)
-            text, latency = await request(port, clip, names)
+            text, latency = await timed_transcript(port, clip.pcm, names=names)
             redone[key] += fallbacks(server) - before
             run.texts.append(text)
             run.latencies_ms.append(latency)
@@ -204,7 +184,7 @@ async def main() -> None:
         try:
             print(f"model {args.model} int8, beam 5, {args.threads} threads; voices {', '.join(voices)}; "
                   f"{len(home)} names in the home")  # fmt: skip
-            await request(server.wyoming_port, named[0], home)  # the first request warms caches
+            await timed_transcript(server.wyoming_port, named[0].pcm, names=home)  # the first request warms caches
             results = {
                 "names": report(
                     "commands with names", named, await measure(server.wyoming_port, server, named, home), home

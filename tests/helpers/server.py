@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wyoming.asr import Transcribe
+from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
 from wyoming.event import Event
@@ -207,14 +207,39 @@ async def transcribe(
 ) -> Event:
     """Send one request the way Home Assistant does and return the server's answer (transcript or error)."""
     async with AsyncTcpClient("127.0.0.1", port) as client:
-        await client.write_event(Transcribe(language=language, transcript_names=names).event())
-        await client.write_event(AudioStart(rate=rate, width=width, channels=channels).event())
-        step = chunk_frames * width * channels
-        for start in range(0, len(audio), step):
-            chunk = AudioChunk(rate=rate, width=width, channels=channels, audio=audio[start : start + step])
-            await client.write_event(chunk.event())
-        await client.write_event(AudioStop().event())
+        await _send_request(client, audio, (rate, width, channels), language, chunk_frames, names)
         return await read_answer(client)
+
+
+async def timed_transcript(port: int, pcm: bytes, *, names: list[str] | None = None) -> tuple[str, float]:
+    """One English request of 16 kHz speech in 1 s chunks: its text, and milliseconds from `audio-stop` to it."""
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+        await _send_request(client, pcm, (16_000, 2, 1), "en", 16_000, names)
+        stopped = time.perf_counter()
+        answer = await read_answer(client, timeout=300)
+        waited = (time.perf_counter() - stopped) * 1000
+    if not Transcript.is_type(answer.type):
+        msg = f"no transcript: {answer}"
+        raise RuntimeError(msg)
+    return Transcript.from_event(answer).text, waited
+
+
+async def _send_request(
+    client: AsyncTcpClient,
+    audio: bytes,
+    audio_format: tuple[int, int, int],
+    language: str | None,
+    chunk_frames: int,
+    names: list[str] | None,
+) -> None:
+    rate, width, channels = audio_format
+    await client.write_event(Transcribe(language=language, transcript_names=names).event())
+    await client.write_event(AudioStart(rate=rate, width=width, channels=channels).event())
+    step = chunk_frames * width * channels
+    for start in range(0, len(audio), step):
+        chunk = AudioChunk(rate=rate, width=width, channels=channels, audio=audio[start : start + step])
+        await client.write_event(chunk.event())
+    await client.write_event(AudioStop().event())
 
 
 async def read_answer(client: AsyncTcpClient, timeout: float = 120) -> Event:
