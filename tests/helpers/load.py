@@ -12,7 +12,9 @@ from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
+from wyoming.event import Event
 
+from .server import STREAMING_EVENT
 from .speech import Utterance
 
 CHUNK_FRAMES = 1024  # 64 ms at 16 kHz, about what Home Assistant sends
@@ -80,7 +82,7 @@ async def one_client(port: int, utterance: Utterance, answer_timeout_s: float) -
     client = AsyncTcpClient("127.0.0.1", port)
     try:
         await client.connect()
-        reading = asyncio.create_task(client.read_event())
+        reading = asyncio.create_task(_answer(client))
         try:
             await client.write_event(Transcribe().event())
             await client.write_event(AudioStart(rate=rate, width=width, channels=channels).event())
@@ -115,6 +117,14 @@ async def one_client(port: int, utterance: Utterance, answer_timeout_s: float) -
         code = Error.from_event(event).code or ""
         return ClientResult(utterance, "refused" if code in REFUSALS else "error", code=code, latency_s=latency)
     return ClientResult(utterance, "error", code=f"unexpected {event.type}")
+
+
+async def _answer(client: AsyncTcpClient) -> Event | None:
+    """The transcript or error, past the streaming events before it (transcript-start, transcript-chunk)."""
+    while (event := await client.read_event()) is not None:
+        if not STREAMING_EVENT.match(event.type):
+            return event
+    return None
 
 
 async def run_load(port: int, utterances: list[Utterance], clients: int, answer_timeout_s: float = 300.0) -> LoadReport:
