@@ -356,7 +356,10 @@ async def test_a_client_that_vanishes_mid_stream_costs_nothing(
     spent = cpu_seconds(server) - started
 
     assert metric(server, "whisper_gpu_requests_total", '{outcome="disconnected"}') == disconnected + len(leavers)
-    assert spent < 3 * one_request, f"{spent:.1f} s CPU for one request of {one_request:.1f} s and six that left"
+    # Measured alone about 1.4x one request (the leavers' audio still went through the end-of-speech VAD as it came,
+    # and the stayer's pauses were transcribed speculatively); up to 3.4x on a machine loaded by other jobs, where
+    # the inference threads spin longer while they wait for a core. Six transcriptions more would cost 7x.
+    assert spent < 4 * one_request, f"{spent:.1f} s CPU for one request of {one_request:.1f} s and six that left"
     assert server.log().count("left while its request waited for the model") == len(leavers)
 
 
