@@ -16,7 +16,7 @@ async def async_get_config_entry_diagnostics(
     hass: HomeAssistant,  # noqa: ARG001
     entry: WhisperGpuConfigEntry,
 ) -> dict[str, Any]:
-    """Return the entry, the server's info and its last status."""
+    """Return the entry (with the desired settings), the server's info, its last status and its replicas."""
     data = entry.runtime_data
     coordinator = data.coordinator
     return {
@@ -27,5 +27,17 @@ async def async_get_config_entry_diagnostics(
             "settings": coordinator.data.settings,
             "last_update_success": coordinator.last_update_success,
         },
+        # Each replica behind the host name: its address, what it serves, whether it has the desired settings.
+        "replicas": [
+            {
+                "address": replica.address,
+                "state": replica.status.state if replica.status else None,
+                "model": replica.status.model if replica.status else None,
+                "settings": replica.settings,
+                "in_step": replica.in_step,
+                "error": replica.error,
+            }
+            for replica in coordinator.data.replicas
+        ],
         "wyoming_asr": asdict(data.asr),
     }
