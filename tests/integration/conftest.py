@@ -49,7 +49,7 @@ def auto_enable_custom_integrations(enable_custom_integrations: None) -> None:
 
 
 # Fixtures that start or share a real server: the tests that use one are the end-to-end layer.
-REAL_SERVER_FIXTURES = {"server", "session_server", "own_server"}
+REAL_SERVER_FIXTURES = {"server", "session_server", "own_server", "replicas", "module_replicas"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
