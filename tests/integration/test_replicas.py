@@ -50,8 +50,8 @@ STT_ENTITY_ID = "stt.whisper_gpu_speech_to_text"
 @contextlib.contextmanager
 def _replica_sockets() -> Iterator[None]:
     """Allow connections to the replicas' addresses (the plugin allows 127.0.0.1 only)."""
-    pytest_socket.socket_allow_hosts([HOST, *ADDRESSES])
     pytest_socket.enable_socket()
+    pytest_socket.socket_allow_hosts([HOST, *ADDRESSES])
     try:
         yield
     finally:
@@ -80,9 +80,9 @@ class Replicas(list[WhisperGpuServer]):
 def module_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     """Start the three servers once for the module."""
     token = uuid.uuid4().hex
-    wyoming_port, control_port = free_port(), free_port()
     replicas = Replicas()
     with _replica_sockets():
+        wyoming_port, control_port = free_port(), free_port()
         for index, address in enumerate(ADDRESSES):
             server = WhisperGpuServer(
                 tmp_path_factory.mktemp(f"replica{index}"),
@@ -250,7 +250,11 @@ async def test_a_replica_that_refuses_a_change_raises_a_repair_issue(
 
 
 async def test_transcription_goes_on_when_a_replica_dies_mid_request(
-    hass: HomeAssistant, replicas: Replicas, entry: MockConfigEntry, speech_pcm: bytes
+    hass: HomeAssistant,
+    replicas: Replicas,
+    entry: MockConfigEntry,
+    speech_pcm: bytes,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The replica behind the host name is killed while the audio streams: the request is made again on another
     replica with all the audio, and the transcript comes back.
@@ -273,6 +277,7 @@ async def test_transcription_goes_on_when_a_replica_dies_mid_request(
 
     assert result.result is stt.SpeechResultState.SUCCESS, "retried on another replica"
     assert words(result.text) == UTTERANCE
+    assert f"trying again on {ADDRESSES[1]}" in caplog.text
     status, body = replicas[1].request("GET", "/api/v1/status")
     assert status == 200
     assert body["last_request"]["outcome"] == "ok"
