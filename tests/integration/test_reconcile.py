@@ -1,12 +1,16 @@
-"""Fast layer: resolving the replicas and keeping them at the desired settings, each replica a patched client."""
+"""Fast layer: resolving the replicas, keeping them at the desired settings, a transcription sent again on another.
+
+Each replica is a patched client of its own.
+"""
 
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, Iterator
 from typing import Any
 from unittest.mock import AsyncMock, create_autospec, patch
 
 import pytest
 from helpers import api_fixtures
+from homeassistant.components import stt
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import issue_registry as ir
 from pytest_homeassistant_custom_component.common import MockConfigEntry
@@ -14,16 +18,19 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from custom_components.whisper_gpu.api import (
     ServerInfo,
     ServerStatus,
+    TranscriptUpdate,
     WhisperGpuClient,
     WhisperGpuConnectionError,
     WhisperGpuSettingsError,
+    WhisperGpuTranscriptionError,
 )
 from custom_components.whisper_gpu.const import DOMAIN
 from custom_components.whisper_gpu.replicas import async_resolve
 
-from .common import poll, setup_integration
+from .common import metadata, poll, setup_integration
 
 ADDRESSES = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+STT_ENTITY_ID = "stt.whisper_gpu_speech_to_text"
 
 
 def replica_client(settings: dict[str, Any]) -> AsyncMock:
@@ -46,6 +53,8 @@ def clients() -> Iterator[dict[str, AsyncMock]]:
     """Three replicas behind the fixtures' host name, one patched client each."""
     captured = api_fixtures.load("settings")["settings"]
     by_address = {address: replica_client(dict(captured)) for address in ADDRESSES}
+    for address, client in by_address.items():
+        client.host = address
 
     async def resolve(_hass: object, _host: str, _port: int) -> list[str]:
         return list(by_address)
@@ -143,3 +152,59 @@ async def test_a_replica_down_during_a_change_gets_it_later_and_its_issue_goes(
     first.async_update_settings.assert_awaited_with({"beam_size": 3})
     assert issue_registry.async_get_issue(DOMAIN, issue_id) is None
     assert hass.states.get("sensor.whisper_gpu_ready_replicas").state == "3"
+
+
+def transcribing(received: list[bytes], *, fail_after: int | None = None, error: Exception | None = None) -> Any:
+    """A stand-in for `async_transcribe_updates` that reads the audio into received; it fails after some chunks."""
+
+    async def updates(audio: AsyncIterable[bytes], *_: object) -> AsyncGenerator[TranscriptUpdate]:
+        async for chunk in audio:
+            received.append(chunk)
+            if fail_after is not None and len(received) == fail_after:
+                raise error or WhisperGpuConnectionError("The server closed the connection")
+        yield TranscriptUpdate(f"{len(received)} chunks", final=True)
+
+    return updates
+
+
+async def test_a_broken_transcription_is_sent_again_to_another_replica(
+    hass: HomeAssistant, clients: dict[str, AsyncMock], mock_config_entry: MockConfigEntry
+) -> None:
+    """The connection through the host name breaks: the first replica gets all the audio from its start, once."""
+    await setup_integration(hass, mock_config_entry)
+    service = mock_config_entry.runtime_data.coordinator.service_client
+    through_name: list[bytes] = []
+    on_replica: list[bytes] = []
+    service.async_transcribe_updates.side_effect = transcribing(through_name, fail_after=2)
+    clients[ADDRESSES[0]].async_transcribe_updates.side_effect = transcribing(on_replica)
+    entity = stt.async_get_speech_to_text_entity(hass, STT_ENTITY_ID)
+    assert entity is not None
+    audio = [bytes([index]) * 320 for index in range(5)]
+
+    result = await entity.async_process_audio_stream(metadata(), _stream(audio))
+
+    assert result == stt.SpeechResult("5 chunks", stt.SpeechResultState.SUCCESS)
+    assert through_name == audio[:2]
+    assert on_replica == audio, "from the start, nothing lost"
+
+
+async def test_a_refused_transcription_is_not_sent_again(
+    hass: HomeAssistant, clients: dict[str, AsyncMock], mock_config_entry: MockConfigEntry
+) -> None:
+    """The server's error event is about the request itself: an error result, no second try."""
+    await setup_integration(hass, mock_config_entry)
+    service = mock_config_entry.runtime_data.coordinator.service_client
+    error = WhisperGpuTranscriptionError("Unsupported language", "unsupported_language")
+    service.async_transcribe_updates.side_effect = transcribing([], fail_after=1, error=error)
+    entity = stt.async_get_speech_to_text_entity(hass, STT_ENTITY_ID)
+    assert entity is not None
+
+    result = await entity.async_process_audio_stream(metadata(), _stream([b"\0" * 320] * 3))
+
+    assert result == stt.SpeechResult(None, stt.SpeechResultState.ERROR)
+    clients[ADDRESSES[0]].async_transcribe_updates.assert_not_called()
+
+
+async def _stream(chunks: list[bytes]) -> AsyncGenerator[bytes]:
+    for chunk in chunks:
+        yield chunk
