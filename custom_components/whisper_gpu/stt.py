@@ -11,13 +11,16 @@ from homeassistant.core import HomeAssistant
 from homeassistant.helpers.entity import EntityDescription
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
-from .api import WhisperGpuClient, WhisperGpuConnectionError, WhisperGpuError
+from .api import WhisperGpuClient, WhisperGpuConnectionError, WhisperGpuError, WhisperGpuTranscriptionError
 from .const import CONF_SEND_NAMES, DEFAULT_SEND_NAMES, LOGGER
 from .coordinator import WhisperGpuCoordinator
 from .data import WhisperGpuConfigEntry
 from .entity import WhisperGpuEntity
 
 PARALLEL_UPDATES = 0
+
+# Error codes with which a replica says it cannot serve now (no model loaded yet, a full queue): another may.
+REPLICA_ERROR_CODES = frozenset({"model_not_ready", "server_busy"})
 
 STT_DESCRIPTION = EntityDescription(key="stt", translation_key="speech_to_text")
 AUTO_LANGUAGE = "auto"
@@ -127,10 +130,12 @@ class WhisperGpuSpeechToText(WhisperGpuEntity, stt.SpeechToTextEntity):
             await tape.aclose()
 
     async def _async_transcribe(self, tape: AudioTape, language: str, names: list[str] | None) -> AsyncGenerator[Any]:
-        """Transcribe through the host name; when the connection breaks, once more on another replica.
+        """Transcribe through the host name; when the replica failed the request, once more on another replica.
 
-        The other replica gets the audio from its start (the tape kept it), then the rest as it arrives. An error
-        event of the server is about the request itself (its audio, its language) and is not retried.
+        A replica failed it when the connection broke before the transcript came, or when it answered that it has
+        no model ready or no room in its queue. The other replica gets the audio from its start (the tape kept it),
+        then the rest as it arrives. Any other error event of the server is about the request itself (its audio,
+        its language) and is not retried.
         """
         client = self.coordinator.service_client
         retried = False
@@ -138,23 +143,20 @@ class WhisperGpuSpeechToText(WhisperGpuEntity, stt.SpeechToTextEntity):
             try:
                 async for result in self._async_transcribe_on(client, tape.replay(), language, names):
                     yield result
-            except WhisperGpuConnectionError as err:
-                fallback = None if retried else self.coordinator.fallback_client()
+            except WhisperGpuError as err:
+                fallback = None if retried or not _replica_failed(err) else self.coordinator.fallback_client()
                 if fallback is None:
                     LOGGER.warning("Speech-to-text on %s failed: %s", self.entity_id, err)
                     yield stt.SpeechResult(None, stt.SpeechResultState.ERROR)
                     return
                 LOGGER.warning(
-                    "Speech-to-text on %s lost its connection (%s); trying again on %s",
+                    "Speech-to-text on %s failed on its replica (%s); trying again on %s",
                     self.entity_id,
                     err,
                     fallback.host,
                 )
                 client, retried = fallback, True
                 continue
-            except WhisperGpuError as err:
-                LOGGER.warning("Speech-to-text on %s failed: %s", self.entity_id, err)
-                yield stt.SpeechResult(None, stt.SpeechResultState.ERROR)
             return
 
     async def _async_transcribe_on(
@@ -171,6 +173,13 @@ class WhisperGpuSpeechToText(WhisperGpuEntity, stt.SpeechToTextEntity):
                 LOGGER.debug("Partial transcript on %s: %s", self.entity_id, update.text)
                 if PARTIAL_SPEECH_RESULT is not None:
                     yield PARTIAL_SPEECH_RESULT(text=update.text)
+
+
+def _replica_failed(err: WhisperGpuError) -> bool:
+    """Whether the replica, not the request, failed: the connection broke, or it cannot serve anything now."""
+    if isinstance(err, WhisperGpuTranscriptionError):
+        return err.code in REPLICA_ERROR_CODES
+    return isinstance(err, WhisperGpuConnectionError)
 
 
 class AudioTape:

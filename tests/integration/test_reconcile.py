@@ -188,21 +188,26 @@ async def test_a_broken_transcription_is_sent_again_to_another_replica(
     assert on_replica == audio, "from the start, nothing lost"
 
 
-async def test_a_refused_transcription_is_not_sent_again(
-    hass: HomeAssistant, clients: dict[str, AsyncMock], mock_config_entry: MockConfigEntry
+@pytest.mark.parametrize(
+    ("code", "retried"),
+    [("unsupported_language", False), ("audio_invalid", False), ("model_not_ready", True), ("server_busy", True)],
+)
+async def test_a_refused_transcription_is_sent_again_only_when_the_replica_cannot_serve(
+    hass: HomeAssistant, clients: dict[str, AsyncMock], mock_config_entry: MockConfigEntry, code: str, retried: bool
 ) -> None:
-    """The server's error event is about the request itself: an error result, no second try."""
+    """An error event about the request itself ends it; one that says the replica cannot serve now goes to another."""
     await setup_integration(hass, mock_config_entry)
     service = mock_config_entry.runtime_data.coordinator.service_client
-    error = WhisperGpuTranscriptionError("Unsupported language", "unsupported_language")
+    error = WhisperGpuTranscriptionError("No.", code)
     service.async_transcribe_updates.side_effect = transcribing([], fail_after=1, error=error)
+    clients[ADDRESSES[0]].async_transcribe_updates.side_effect = transcribing([])
     entity = stt.async_get_speech_to_text_entity(hass, STT_ENTITY_ID)
     assert entity is not None
 
     result = await entity.async_process_audio_stream(metadata(), _stream([b"\0" * 320] * 3))
 
-    assert result == stt.SpeechResult(None, stt.SpeechResultState.ERROR)
-    clients[ADDRESSES[0]].async_transcribe_updates.assert_not_called()
+    assert result.result is (stt.SpeechResultState.SUCCESS if retried else stt.SpeechResultState.ERROR)
+    assert clients[ADDRESSES[0]].async_transcribe_updates.called is retried
 
 
 async def _stream(chunks: list[bytes]) -> AsyncGenerator[bytes]:

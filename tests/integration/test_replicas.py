@@ -277,7 +277,7 @@ async def test_transcription_goes_on_when_a_replica_dies_mid_request(
 
     assert result.result is stt.SpeechResultState.SUCCESS, "retried on another replica"
     assert words(result.text) == UTTERANCE
-    assert f"trying again on {ADDRESSES[1]}" in caplog.text
+    assert f"trying again on {ADDRESSES[1]}" in caplog.text, "on the second replica"
     status, body = replicas[1].request("GET", "/api/v1/status")
     assert status == 200
     assert body["last_request"]["outcome"] == "ok"
