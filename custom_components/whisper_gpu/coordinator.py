@@ -18,7 +18,7 @@ from .api import (
     WhisperGpuClient,
     WhisperGpuError,
 )
-from .const import DOMAIN, LOGGER, SCAN_INTERVAL
+from .const import DOMAIN, LOGGER, SCAN_INTERVAL, SETTING_MODEL
 from .data import WhisperGpuConfigEntry, create_client
 from .replicas import READY_STATES, Replica, ReplicaSet, async_each
 
@@ -234,7 +234,7 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
                 translation_placeholders={
                     "name": self.config_entry.title,
                     "address": address,
-                    "error": replica.error or "settings differ",
+                    "error": replica.error or _differs_text(replica, desired),
                 },
             )
         self._replica_issues = set(failing)
@@ -272,6 +272,14 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
                 "message": status.error_message or "",
             },
         )
+
+
+def _differs_text(replica: Replica, desired: dict[str, Any]) -> str:
+    """Why a replica that answers lacks the desired settings: the load that failed there, else which differ."""
+    failure = replica.status.last_failure if replica.status else None
+    if failure is not None and failure.model == desired.get(SETTING_MODEL):
+        return f"{failure.model}: {failure.code}, {failure.message}"
+    return "settings differ: " + ", ".join(sorted(replica.differs(desired)))
 
 
 def _update_failed(err: WhisperGpuError | str) -> UpdateFailed:
