@@ -109,11 +109,6 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
         replicas = self.replica_set.replicas
         return [replicas[replica.address].client for replica in self.data.answered if replica.address in replicas]
 
-    @property
-    def client(self) -> WhisperGpuClient:
-        """The client of the first replica that answered the last poll."""
-        return self.clients[0] if self.clients else self.service_client
-
     def fallback_client(self) -> WhisperGpuClient | None:
         """A client of another ready replica, for a transcription whose connection broke; None with one replica."""
         host = self.config_entry.data[CONF_HOST]

@@ -213,3 +213,32 @@ async def test_a_refused_transcription_is_sent_again_only_when_the_replica_canno
 async def _stream(chunks: list[bytes]) -> AsyncGenerator[bytes]:
     for chunk in chunks:
         yield chunk
+
+
+async def test_a_replica_whose_load_failed_says_so_and_its_issue_goes_at_unload(
+    hass: HomeAssistant,
+    clients: dict[str, AsyncMock],
+    mock_config_entry: MockConfigEntry,
+    issue_registry: ir.IssueRegistry,
+) -> None:
+    """A replica took the desired model but failed to load it (and went back): its issue gives the load's reason."""
+    mock_config_entry.add_to_hass(hass)
+    hass.config_entries.async_update_entry(mock_config_entry, options={"desired_settings": {"model": "small"}})
+    for client in clients.values():
+        await client.async_update_settings({"model": "small"})
+    # The third takes the change but its load fails: it goes back to its model and reports the failure.
+    failed = clients[ADDRESSES[2]]
+    settings = api_fixtures.load("settings")["settings"]
+    failed.async_get_settings.side_effect = lambda: dict(settings)
+    failed.async_update_settings.side_effect = lambda _changes: dict(settings)
+    failure = {"code": "insufficient_memory", "message": "Too big", "model": "small", "time": "T"}
+    status = ServerStatus.from_json({**api_fixtures.load("status"), "last_failure": failure})
+    failed.async_get_status.return_value = status
+
+    await setup_integration(hass, mock_config_entry)
+
+    issue = issue_registry.async_get_issue(DOMAIN, f"replica_{mock_config_entry.entry_id}_{ADDRESSES[2]}")
+    assert issue is not None
+    assert issue.translation_placeholders["error"] == "small: insufficient_memory, Too big"
+    assert await hass.config_entries.async_unload(mock_config_entry.entry_id)
+    assert not [issue for issue in issue_registry.issues.values() if issue.domain == DOMAIN]
