@@ -156,9 +156,8 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
             raise _update_failed(replicas[0].poll_error or "")
 
         desired = self.replica_set.desired
-        reconciled = False
         if len(replicas) > 1 and desired and not self.replica_set.change_lock.locked():
-            reconciled = await self._async_reconcile(answered, desired)
+            await self._async_reconcile(answered, desired)
 
         first = answered[0]
         assert first.info is not None  # noqa: S101 - read when it connected
@@ -168,7 +167,9 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
         self._async_update_device()
         self._async_update_model_issue(first.status)
         self._async_update_replica_issues(replicas, desired)
-        switching = reconciled or any(replica.status.target is not None for replica in answered if replica.status)
+        # A load that a change sent at this poll shows at the next (at the usual pace: a replica that cannot load the
+        # desired model is sent it again each poll, not each second).
+        switching = any(replica.status.target is not None for replica in answered if replica.status)
         self.update_interval = SWITCH_SCAN_INTERVAL if switching else SCAN_INTERVAL
         return WhisperGpuState(
             status=first.status,
@@ -185,8 +186,8 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
             ),
         )
 
-    async def _async_reconcile(self, answered: list[Replica], desired: dict[str, Any]) -> bool:
-        """Send the desired settings to each replica that differs and loads no model; return whether any took them."""
+    async def _async_reconcile(self, answered: list[Replica], desired: dict[str, Any]) -> None:
+        """Send the desired settings to each replica that differs and loads no model."""
         behind = [
             (replica, changes)
             for replica in answered
@@ -194,8 +195,7 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
         ]
         for replica, changes in behind:
             LOGGER.info("Replica %s differs from the desired settings in %s: sending them", replica.address, changes)
-        results = await async_each(self.replica_set.async_apply(replica, changes) for replica, changes in behind)
-        return any(results)
+        await async_each(self.replica_set.async_apply(replica, changes) for replica, changes in behind)
 
     @callback
     def _async_update_device(self) -> None:

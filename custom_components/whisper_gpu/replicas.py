@@ -13,6 +13,7 @@ every replica whose settings differ back to the desired state.
 
 import asyncio
 import ipaddress
+import logging
 import socket
 from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -219,13 +220,16 @@ class ReplicaSet:
     async def async_apply(self, replica: Replica, changes: Mapping[str, Any]) -> bool:
         """Send settings to one replica; record why it failed (retried on the next poll). Return whether it took them.
 
-        A rejected token is recorded too: the next poll checks the token and starts reauthentication.
+        The replica is connected again at the next poll: a rejected token starts reauthentication there. The same
+        failure again is logged at debug level only, so that a replica that keeps refusing does not fill the log.
         """
         try:
             replica.settings = await replica.client.async_update_settings(changes)
         except WhisperGpuError as err:
-            LOGGER.warning("Replica %s did not take the settings %s: %s", replica.address, dict(changes), err)
+            level = logging.DEBUG if replica.apply_error == str(err) else logging.WARNING
+            LOGGER.log(level, "Replica %s did not take the settings %s: %s", replica.address, dict(changes), err)
             replica.apply_error = str(err)
+            replica.connected = False
             return False
         replica.apply_error = None
         return True
