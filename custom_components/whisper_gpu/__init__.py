@@ -3,12 +3,11 @@
 from homeassistant.const import Platform
 from homeassistant.core import HomeAssistant
 from homeassistant.exceptions import ConfigEntryNotReady
-from homeassistant.helpers import issue_registry as ir
 
 from .api import WhisperGpuError
 from .const import DOMAIN
-from .coordinator import WhisperGpuCoordinator, model_failed_issue_id
-from .data import WhisperGpuConfigEntry, WhisperGpuData, create_client
+from .coordinator import WhisperGpuCoordinator
+from .data import WhisperGpuConfigEntry, WhisperGpuData
 from .names import AssistNames
 
 PLATFORMS = [Platform.BUTTON, Platform.SELECT, Platform.SENSOR, Platform.STT]
@@ -16,11 +15,10 @@ PLATFORMS = [Platform.BUTTON, Platform.SELECT, Platform.SENSOR, Platform.STT]
 
 async def async_setup_entry(hass: HomeAssistant, entry: WhisperGpuConfigEntry) -> bool:
     """Connect to the server and set up its entities."""
-    client = create_client(hass, entry.data)
-    coordinator = WhisperGpuCoordinator(hass, entry, client)
+    coordinator = WhisperGpuCoordinator(hass, entry)
     await coordinator.async_config_entry_first_refresh()
     try:
-        asr = await client.async_describe()
+        asr = await coordinator.service_client.async_describe()
     except WhisperGpuError as err:
         raise ConfigEntryNotReady(
             translation_domain=DOMAIN,
@@ -36,7 +34,7 @@ async def async_setup_entry(hass: HomeAssistant, entry: WhisperGpuConfigEntry) -
 
 
 async def async_unload_entry(hass: HomeAssistant, entry: WhisperGpuConfigEntry) -> bool:
-    """Unload the entities; the repair issue of the server goes with them."""
+    """Unload the entities; the repair issues of the server and its replicas go with them."""
     if unloaded := await hass.config_entries.async_unload_platforms(entry, PLATFORMS):
-        ir.async_delete_issue(hass, DOMAIN, model_failed_issue_id(entry))
+        entry.runtime_data.coordinator.async_delete_issues()
     return unloaded

@@ -8,6 +8,7 @@ from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
 from .data import WhisperGpuConfigEntry
 from .entity import WhisperGpuEntity
+from .replicas import async_each
 
 PARALLEL_UPDATES = 1
 
@@ -28,7 +29,9 @@ class WhisperGpuParkButton(WhisperGpuEntity, ButtonEntity):
 
     @override
     async def async_press(self) -> None:
-        """Ask the server to park its model; returns once it is parked."""
-        with self.control_errors("park_refused"):
-            await self.coordinator.client.async_park()
-        await self.coordinator.async_request_refresh()
+        """Ask every replica to park its model; returns once they are parked (or the first refusal)."""
+        try:
+            with self.control_errors("park_refused"):
+                await async_each(client.async_park() for client in self.coordinator.clients)
+        finally:
+            await self.coordinator.async_request_refresh()

@@ -36,6 +36,7 @@ from .api import (
     LoadFailure,
     ServerInfo,
     WhisperGpuAuthError,
+    WhisperGpuClient,
     WhisperGpuConnectionError,
     WhisperGpuError,
     WhisperGpuResponseError,
@@ -43,6 +44,7 @@ from .api import (
 )
 from .const import (
     CONF_CONTROL_PORT,
+    CONF_DESIRED_SETTINGS,
     CONF_SERVER_ID,
     CONF_WYOMING_PORT,
     DEFAULT_CONTROL_PORT,
@@ -61,7 +63,8 @@ from .const import (
     SETTINGS_ERROR_CODES,
 )
 from .data import WhisperGpuConfigEntry, create_client
-from .model_load import async_wait_for_load, load_failure_key, load_failure_placeholders, load_started
+from .model_load import load_failure_key, load_failure_placeholders
+from .replicas import ReplicaSet
 
 PORT_SELECTOR = probatio.All(
     NumberSelector(NumberSelectorConfig(min=1, max=65535, step=1, mode=NumberSelectorMode.BOX)),
@@ -259,33 +262,42 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
 
 
 class WhisperGpuOptionsFlow(OptionsFlow):
-    """The server's settings, read from it and sent back to it, and the integration's own options.
+    """The server's settings, read from it and sent back to every replica, and the integration's own options.
 
-    The server is the only place its settings are kept; the form sends only what
-    the user changed, so a setting the operator changed on the server stays as it
-    is. entry.options holds only the integration's own options (sending the names
-    of the home). A change that loads a model shows the load's progress and ends
-    when the server serves the new model, or back at the form with the reason it
-    failed.
+    The form shows the settings of the first replica that answers and sends only
+    what the user changed, so a setting the operator changed on the server and
+    the user left alone stays the operator's. What the user changed becomes the
+    desired state of every replica (entry.options[desired_settings], see
+    replicas.py), beside the integration's own options (sending the names of the
+    home). A change that loads a model shows the load's progress and ends when
+    the first replica serves the new model, or back at the form with the reason
+    it failed (and no other replica was sent it).
     """
 
     def __init__(self) -> None:
         """Start before the server has been read."""
         self._info: ServerInfo | None = None
         self._settings: dict[str, Any] = {}
+        self._client: WhisperGpuClient | None = None
         self._load: asyncio.Task[LoadFailure | None] | None = None
         self._loading_model = ""
         self._errors: dict[str, str] = {}
         self._placeholders: dict[str, str] = {}
         self._local: dict[str, Any] = {}
 
+    def _replica_set(self) -> ReplicaSet:
+        """The replicas of the entry: the coordinator's when the entry is loaded, else a set of the form's own."""
+        entry: WhisperGpuConfigEntry = self.config_entry
+        if entry.state is ConfigEntryState.LOADED:
+            return entry.runtime_data.coordinator.replica_set
+        return ReplicaSet(self.hass, entry)
+
     async def async_step_init(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
-        """Show the settings in sections; PATCH what changed."""
-        client = create_client(self.hass, self.config_entry.data)
+        """Show the settings in sections; send what changed to the replicas."""
+        replica_set = self._replica_set()
         if self._info is None:
             try:
-                self._info = await client.async_get_info()
-                self._settings = await client.async_get_settings()
+                self._client, self._info, self._settings = await replica_set.async_read()
             except WhisperGpuError:
                 return self.async_abort(reason="cannot_connect")
 
@@ -302,13 +314,8 @@ class WhisperGpuOptionsFlow(OptionsFlow):
                 for name, value in suggested.items()
                 if name not in LOCAL_DEFAULTS and self._settings.get(name) != value
             }
-            before: LoadFailure | None = None
-            loading = False
             try:
-                if changes:
-                    before = (await client.async_get_status()).last_failure
-                    self._settings = await client.async_update_settings(changes)
-                    loading = load_started(await client.async_get_status(), before)
+                change = await replica_set.async_start_change(changes) if changes else None
             except WhisperGpuAuthError:
                 self.config_entry.async_start_reauth(self.hass)
                 errors["base"] = "invalid_auth"
@@ -317,11 +324,16 @@ class WhisperGpuOptionsFlow(OptionsFlow):
             except WhisperGpuError:
                 errors["base"] = "cannot_connect"
             else:
-                await self._async_refresh_entry()
-                if not loading:
+                if change is None:
                     return self._async_saved()
+                self._client, self._settings = change.client, change.settings
+                if not change.loading:
+                    await change.done
+                    await self._async_refresh_entry()
+                    return self._async_saved()
+                await self._async_refresh_entry()
                 self._loading_model = str(self._settings.get(SETTING_MODEL, ""))
-                self._load = self.hass.async_create_task(async_wait_for_load(client, before))
+                self._load = change.done
                 return await self.async_step_load()
 
         return self.async_show_form(
@@ -337,6 +349,7 @@ class WhisperGpuOptionsFlow(OptionsFlow):
     async def async_step_load(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:  # noqa: ARG002
         """Show the load's progress until the server serves the new model or gives up on it."""
         assert self._load is not None  # noqa: S101 - set by the step that starts the load
+        assert self._client is not None  # noqa: S101 - the replica that took the change
         if not self._load.done():
             return self.async_show_progress(
                 step_id="load",
@@ -344,7 +357,7 @@ class WhisperGpuOptionsFlow(OptionsFlow):
                 progress_task=self._load,
                 description_placeholders={"model": self._loading_model},
             )
-        client = create_client(self.hass, self.config_entry.data)
+        client = self._client
         try:
             failure = self._load.result()
             # The server takes back the whole change when the load fails; the form shows what it kept.
@@ -373,8 +386,9 @@ class WhisperGpuOptionsFlow(OptionsFlow):
 
     @callback
     def _async_saved(self) -> ConfigFlowResult:
-        """End the flow: the server has its settings, entry.options the integration's own."""
-        return self.async_create_entry(data=self._local)
+        """End the flow: the replicas have their settings, entry.options the integration's own and the desired ones."""
+        desired = self.config_entry.options.get(CONF_DESIRED_SETTINGS)
+        return self.async_create_entry(data={**self._local, CONF_DESIRED_SETTINGS: desired} if desired else self._local)
 
     async def _async_refresh_entry(self) -> None:
         """Let the entities follow the server now (the coordinator polls quickly while a model loads)."""

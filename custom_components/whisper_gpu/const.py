@@ -17,7 +17,7 @@ DEFAULT_CONTROL_PORT: Final = 10301
 SCAN_INTERVAL: Final = timedelta(seconds=30)
 
 # The server's runtime settings that the options flow offers, grouped as the form shows them.
-# They live on the server only: Home Assistant reads them from it and keeps no copy.
+# The server keeps them; Home Assistant keeps those the user changed in it (CONF_DESIRED_SETTINGS) for the replicas.
 SETTING_MODEL: Final = "model"
 SETTING_COMPUTE_TYPE: Final = "compute_type"
 SETTING_LANGUAGE: Final = "language"
@@ -38,6 +38,10 @@ DEFAULT_SEND_NAMES: Final = True
 SECTION_ASSIST: Final = "assist"
 LOCAL_OPTIONS: Final[dict[str, tuple[str, ...]]] = {SECTION_ASSIST: (CONF_SEND_NAMES,)}
 LOCAL_DEFAULTS: Final = {CONF_SEND_NAMES: DEFAULT_SEND_NAMES}
+
+# The server settings the user chose in Home Assistant (options form, model select): the desired state of every
+# replica, brought back onto any that differs.
+CONF_DESIRED_SETTINGS: Final = "desired_settings"
 
 SECTION_MODEL: Final = "model_settings"
 SECTION_DECODING: Final = "decoding"

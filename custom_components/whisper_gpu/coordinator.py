@@ -1,9 +1,10 @@
-"""Polls a whisper-gpu server's status and keeps Home Assistant in step with it."""
+"""Polls a whisper-gpu server's replicas, keeps Home Assistant in step with them and them with its settings."""
 
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, override
 
+from homeassistant.const import CONF_HOST
 from homeassistant.core import HomeAssistant, callback
 from homeassistant.exceptions import ConfigEntryAuthFailed
 from homeassistant.helpers import device_registry as dr
@@ -17,20 +18,45 @@ from .api import (
     WhisperGpuClient,
     WhisperGpuError,
 )
-from .const import DOMAIN, LOGGER, SCAN_INTERVAL
-from .data import WhisperGpuConfigEntry
+from .const import DOMAIN, LOGGER, SCAN_INTERVAL, SETTING_MODEL
+from .data import WhisperGpuConfigEntry, create_client
+from .replicas import READY_STATES, Replica, ReplicaSet, async_each
 
 STATE_FAILED = "failed"
 # While the server loads or downloads a model, poll this often, so the new model shows as soon as it serves.
 SWITCH_SCAN_INTERVAL = timedelta(seconds=1)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplicaState:
+    """One replica as the last poll saw it."""
+
+    address: str
+    status: ServerStatus | None
+    settings: dict[str, Any] | None
+    in_step: bool
+    error: str | None
+
+    @property
+    def ready(self) -> bool:
+        """Whether it serves (or can at once)."""
+        return self.error is None and self.status is not None and self.status.state in READY_STATES
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class WhisperGpuState:
-    """One poll of the server."""
+    """One poll of the server: of its first replica that answered, and of every replica."""
 
     status: ServerStatus
     settings: dict[str, Any]
+    replicas: tuple[ReplicaState, ...] = ()
+
+    @property
+    def answered(self) -> list[ReplicaState]:
+        """The replicas that answered the poll, in address order."""
+        return [replica for replica in self.replicas if replica.status is not None and replica.error is None] or [
+            ReplicaState(address="", status=self.status, settings=self.settings, in_step=True, error=None)
+        ]
 
 
 def model_failed_issue_id(entry: WhisperGpuConfigEntry) -> str:
@@ -38,24 +64,27 @@ def model_failed_issue_id(entry: WhisperGpuConfigEntry) -> str:
     return f"model_failed_{entry.entry_id}"
 
 
-class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
-    """Reads GET /api/v1/status and /api/v1/settings of one server.
+def replica_issue_id(entry: WhisperGpuConfigEntry, address: str) -> str:
+    """Return the id of the repair issue for a replica that is down or not in step with the desired settings."""
+    return f"replica_{entry.entry_id}_{address}"
 
-    On the first refresh and on every reconnect it also checks the token and
-    reads the server's info again (the server may have been upgraded or its
-    token changed while it was away). The settings it reads are the ones the
-    entities show: the server keeps them, Home Assistant keeps no copy.
+
+class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
+    """Polls GET /api/v1/status and /api/v1/settings of every replica behind the server's host name.
+
+    The host name is resolved again on every poll (replicas come and go). A replica is connected when it first
+    answers and after it was away: the token is checked and its info read again (it may have been upgraded or its
+    token changed meanwhile). The entities show the service as a whole: its first replica that answers, with the
+    replicas' states and models where they differ. While several replicas run, each one whose settings differ from
+    the desired settings (those the user chose in Home Assistant, see replicas.py) is sent them again, and each
+    one that is down or did not take them has a repair issue, until it is in step. A single server is left as the
+    operator sets it: Home Assistant changes it only when the user does.
     """
 
     config_entry: WhisperGpuConfigEntry
     info: ServerInfo
 
-    def __init__(
-        self,
-        hass: HomeAssistant,
-        entry: WhisperGpuConfigEntry,
-        client: WhisperGpuClient,
-    ) -> None:
+    def __init__(self, hass: HomeAssistant, entry: WhisperGpuConfigEntry) -> None:
         """Set up the coordinator; it polls from the first refresh on."""
         super().__init__(
             hass,
@@ -64,50 +93,154 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
             name=entry.title,
             update_interval=SCAN_INTERVAL,
         )
-        self.client = client
+        self.replica_set = ReplicaSet(hass, entry)
+        # Wyoming goes through the host name (a Kubernetes Service spreads the connections over the ready replicas).
+        self.service_client = create_client(hass, entry.data)
+        self._replica_issues: set[str] = set()
+
+    @property
+    def server_id(self) -> str:
+        """The id of the entry's device and entities: the server's id (the first replica's when it was added)."""
+        return self.config_entry.unique_id or self.info.server_id
+
+    @property
+    def clients(self) -> list[WhisperGpuClient]:
+        """The clients of the replicas that answered the last poll, in address order."""
+        replicas = self.replica_set.replicas
+        return [replicas[replica.address].client for replica in self.data.answered if replica.address in replicas]
+
+    def fallback_client(self) -> WhisperGpuClient | None:
+        """A client of another ready replica, for a transcription whose connection broke; None with one replica."""
+        host = self.config_entry.data[CONF_HOST]
+        replicas = self.replica_set.replicas
+        if len(replicas) < 2:  # noqa: PLR2004 - one replica has no other
+            return None
+        ready = [replica for replica in replicas.values() if replica.ready and replica.address != host]
+        return ready[0].client if ready else None
+
+    async def _async_connect(self, replica: Replica) -> None:
+        """Check the token and read the info of a replica that answers for the first time or again."""
+        await replica.client.async_check_auth()
+        replica.info = await replica.client.async_get_info()
+        replica.connected = True
+
+    async def _async_poll(self, replica: Replica) -> None:
+        """Read one replica's status and settings; record why it did not answer."""
+        try:
+            if not replica.connected:
+                await self._async_connect(replica)
+            status = await replica.client.async_get_status()
+            replica.settings = await replica.client.async_get_settings()
+            if replica.status is not None and status.model != replica.status.model:
+                # Another model serves now: its languages may differ.
+                replica.info = await replica.client.async_get_info()
+            replica.status = status
+            replica.poll_error = None
+        except WhisperGpuAuthError:
+            replica.connected = False
+            raise
+        except WhisperGpuError as err:
+            replica.connected = False
+            replica.poll_error = str(err)
 
     @override
-    async def _async_setup(self) -> None:
-        """Check the token and read the server's info before the first poll."""
-        await self._async_connect()
-
-    async def _async_connect(self) -> None:
-        """Check the token and read the server's info."""
+    async def _async_update_data(self) -> WhisperGpuState:
+        """Poll every replica; bring those that differ back to the desired settings."""
+        replicas = await self.replica_set.async_refresh()
         try:
-            await self.client.async_check_auth()
-            self.info = await self.client.async_get_info()
+            await async_each(self._async_poll(replica) for replica in replicas)
         except WhisperGpuAuthError as err:
             raise ConfigEntryAuthFailed(translation_domain=DOMAIN, translation_key="invalid_auth") from err
-        except WhisperGpuError as err:
-            raise _update_failed(err) from err
+        answered = [replica for replica in replicas if replica.answered]
+        if not answered:
+            raise _update_failed(replicas[0].poll_error or "")
+
+        desired = self.replica_set.desired
+        if len(replicas) > 1 and desired and not self.replica_set.change_lock.locked():
+            await self._async_reconcile(answered, desired)
+
+        first = answered[0]
+        assert first.info is not None  # noqa: S101 - read when it connected
+        assert first.status is not None  # noqa: S101 - it answered
+        assert first.settings is not None  # noqa: S101 - it answered
+        self.info = first.info
         self._async_update_device()
+        self._async_update_model_issue(first.status)
+        self._async_update_replica_issues(replicas, desired)
+        # A load that a change sent at this poll shows at the next (at the usual pace: a replica that cannot load the
+        # desired model is sent it again each poll, not each second).
+        switching = any(replica.status.target is not None for replica in answered if replica.status)
+        self.update_interval = SWITCH_SCAN_INTERVAL if switching else SCAN_INTERVAL
+        return WhisperGpuState(
+            status=first.status,
+            settings=first.settings,
+            replicas=tuple(
+                ReplicaState(
+                    address=replica.address,
+                    status=replica.status if replica.answered else None,
+                    settings=replica.settings if replica.answered else None,
+                    in_step=replica.answered and not replica.differs(desired),
+                    error=replica.error,
+                )
+                for replica in replicas
+            ),
+        )
+
+    async def _async_reconcile(self, answered: list[Replica], desired: dict[str, Any]) -> None:
+        """Send the desired settings to each replica that differs and loads no model."""
+        behind = [
+            (replica, changes)
+            for replica in answered
+            if replica.status is not None and replica.status.target is None and (changes := replica.differs(desired))
+        ]
+        for replica, changes in behind:
+            LOGGER.info("Replica %s differs from the desired settings in %s: sending them", replica.address, changes)
+        await async_each(self.replica_set.async_apply(replica, changes) for replica, changes in behind)
 
     @callback
     def _async_update_device(self) -> None:
         """Show the version and the device of a server that came back upgraded or on other hardware."""
         registry = dr.async_get(self.hass)
-        device = registry.async_get_device_by_identifier((DOMAIN, self.info.server_id), self.config_entry.entry_id)
+        device = registry.async_get_device_by_identifier((DOMAIN, self.server_id), self.config_entry.entry_id)
         if device is not None and (device.sw_version, device.hw_version) != (self.info.version, self.info.device_name):
             registry.async_update_device(device.id, sw_version=self.info.version, hw_version=self.info.device_name)
 
-    @override
-    async def _async_update_data(self) -> WhisperGpuState:
-        """Poll the server."""
-        if not self.last_update_success:
-            await self._async_connect()
-        try:
-            status = await self.client.async_get_status()
-            settings = await self.client.async_get_settings()
-            if self.data is not None and status.model != self.data.status.model:
-                # Another model serves now: its languages may differ.
-                self.info = await self.client.async_get_info()
-        except WhisperGpuError as err:
-            raise _update_failed(err) from err
+    @callback
+    def _async_update_replica_issues(self, replicas: list[Replica], desired: dict[str, Any]) -> None:
+        """Raise a repair issue for each replica that is down or did not take the desired settings; clear the rest.
 
-        self._async_update_model_issue(status)
-        switching = status.target is not None
-        self.update_interval = SWITCH_SCAN_INTERVAL if switching else SCAN_INTERVAL
-        return WhisperGpuState(status=status, settings=settings)
+        With one replica there is nothing to tell apart: the entities show a server that is down.
+        """
+        failing = {
+            replica.address: replica
+            for replica in replicas
+            if len(replicas) > 1 and (replica.error is not None or (replica.answered and replica.differs(desired)))
+        }
+        for address in self._replica_issues - failing.keys():
+            ir.async_delete_issue(self.hass, DOMAIN, replica_issue_id(self.config_entry, address))
+        for address, replica in failing.items():
+            ir.async_create_issue(
+                self.hass,
+                DOMAIN,
+                replica_issue_id(self.config_entry, address),
+                is_fixable=False,
+                severity=ir.IssueSeverity.WARNING,
+                translation_key="replica_out_of_step",
+                translation_placeholders={
+                    "name": self.config_entry.title,
+                    "address": address,
+                    "error": replica.error or _differs_text(replica, desired),
+                },
+            )
+        self._replica_issues = set(failing)
+
+    @callback
+    def async_delete_issues(self) -> None:
+        """Remove the repair issues of the entry (it is unloaded)."""
+        ir.async_delete_issue(self.hass, DOMAIN, model_failed_issue_id(self.config_entry))
+        for address in self._replica_issues:
+            ir.async_delete_issue(self.hass, DOMAIN, replica_issue_id(self.config_entry, address))
+        self._replica_issues = set()
 
     @callback
     def _async_update_model_issue(self, status: ServerStatus) -> None:
@@ -136,7 +269,15 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
         )
 
 
-def _update_failed(err: WhisperGpuError) -> UpdateFailed:
+def _differs_text(replica: Replica, desired: dict[str, Any]) -> str:
+    """Why a replica that answers lacks the desired settings: the load that failed there, else which differ."""
+    failure = replica.status.last_failure if replica.status else None
+    if failure is not None and failure.model == desired.get(SETTING_MODEL):
+        return f"{failure.model}: {failure.code}, {failure.message}"
+    return "settings differ: " + ", ".join(sorted(replica.differs(desired)))
+
+
+def _update_failed(err: WhisperGpuError | str) -> UpdateFailed:
     """Wrap a client error for the coordinator, with a translated message."""
     return UpdateFailed(
         translation_domain=DOMAIN,

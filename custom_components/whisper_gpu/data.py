@@ -30,12 +30,16 @@ class WhisperGpuData:
 type WhisperGpuConfigEntry = ConfigEntry[WhisperGpuData]
 
 
-def create_client(hass: HomeAssistant, data: Mapping[str, Any]) -> WhisperGpuClient:
-    """Return a client for the connection data of an entry (or of a form)."""
+def create_client(hass: HomeAssistant, data: Mapping[str, Any], address: str | None = None) -> WhisperGpuClient:
+    """Return a client for the connection data of an entry (or of a form): its host, or one address of it.
+
+    A replica reached by address still proves itself with the host's name (TLS verifies that name).
+    """
     return WhisperGpuClient(
         async_get_clientsession(hass),
-        data[CONF_HOST],
+        address or data[CONF_HOST],
         wyoming_port=data[CONF_WYOMING_PORT],
         control_port=data[CONF_CONTROL_PORT],
         token=data[CONF_TOKEN],
+        server_hostname=data[CONF_HOST],
     )

@@ -3,7 +3,7 @@
 from dataclasses import asdict
 from typing import Any
 
-from homeassistant.components.diagnostics import async_redact_data
+from homeassistant.components.diagnostics import REDACTED, async_redact_data
 from homeassistant.const import CONF_HOST, CONF_TOKEN
 from homeassistant.core import HomeAssistant
 
@@ -16,7 +16,7 @@ async def async_get_config_entry_diagnostics(
     hass: HomeAssistant,  # noqa: ARG001
     entry: WhisperGpuConfigEntry,
 ) -> dict[str, Any]:
-    """Return the entry, the server's info and its last status."""
+    """Return the entry (with the desired settings), the server's info, its last status and its replicas."""
     data = entry.runtime_data
     coordinator = data.coordinator
     return {
@@ -27,5 +27,18 @@ async def async_get_config_entry_diagnostics(
             "settings": coordinator.data.settings,
             "last_update_success": coordinator.last_update_success,
         },
+        # Each replica behind the host name: its address (redacted where it is the host itself), what it serves,
+        # whether it has the desired settings, and why not.
+        "replicas": [
+            {
+                "address": REDACTED if replica.address == entry.data[CONF_HOST] else replica.address,
+                "state": replica.status.state if replica.status else None,
+                "model": replica.status.model if replica.status else None,
+                "settings": replica.settings,
+                "in_step": replica.in_step,
+                "error": replica.error,
+            }
+            for replica in coordinator.data.replicas
+        ],
         "wyoming_asr": asdict(data.asr),
     }

@@ -14,7 +14,7 @@ from .coordinator import WhisperGpuCoordinator
 
 
 class WhisperGpuEntity(CoordinatorEntity[WhisperGpuCoordinator]):
-    """An entity of one whisper-gpu server: one service device per server."""
+    """An entity of one whisper-gpu server: one service device per server (for all its replicas)."""
 
     _attr_has_entity_name = True
 
@@ -22,7 +22,7 @@ class WhisperGpuEntity(CoordinatorEntity[WhisperGpuCoordinator]):
         """Name the entity after its description and attach it to the device."""
         super().__init__(coordinator)
         self.entity_description = description
-        server_id = coordinator.info.server_id
+        server_id = coordinator.server_id
         self._attr_unique_id = f"{server_id}_{description.key}"
         self._attr_device_info = DeviceInfo(
             identifiers={(DOMAIN, server_id)},

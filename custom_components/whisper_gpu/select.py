@@ -1,5 +1,6 @@
-"""Model select: switch the server's model from a dashboard or an automation."""
+"""Model select: switch the server's model (on every replica) from a dashboard or an automation."""
 
+import asyncio
 from typing import override
 
 from homeassistant.components.select import SelectEntity, SelectEntityDescription
@@ -12,7 +13,7 @@ from .api import LoadFailure
 from .const import DOMAIN, SETTING_MODEL
 from .data import WhisperGpuConfigEntry
 from .entity import WhisperGpuEntity
-from .model_load import async_wait_for_load, load_failure_key, load_failure_placeholders
+from .model_load import load_failure_key, load_failure_placeholders
 
 PARALLEL_UPDATES = 1
 
@@ -54,20 +55,22 @@ class WhisperGpuModelSelect(WhisperGpuEntity, SelectEntity):
 
     @override
     async def async_select_option(self, option: str) -> None:
-        """Ask the server to switch to another model; return once it serves it, or raise why it could not."""
-        client = self.coordinator.client
+        """Switch every replica to another model; return once the first serves it, or raise why it could not.
+
+        The first replica that answers validates the switch (it must load the model) before the others are sent it
+        (see replicas.py); the model then is the desired one, brought back onto any replica that differs.
+        """
         with self.control_errors("setting_rejected", setting=SETTING_MODEL, value=option):
-            before = (await client.async_get_status()).last_failure
-            await client.async_update_settings({SETTING_MODEL: option})
+            change = await self.coordinator.replica_set.async_start_change({SETTING_MODEL: option})
         await self.coordinator.async_request_refresh()
         # Returns at once when the server had nothing to load (the model it serves already).
-        await self._async_wait_for_load(option, before)
+        await self._async_wait_for_load(option, change.done)
 
-    async def _async_wait_for_load(self, option: str, before: LoadFailure | None) -> None:
+    async def _async_wait_for_load(self, option: str, done: asyncio.Task[LoadFailure | None]) -> None:
         """Follow the load to its end; raise the translated reason when it failed."""
         try:
             with self.control_errors("setting_rejected", setting=SETTING_MODEL, value=option):
-                failure = await async_wait_for_load(self.coordinator.client, before)
+                failure = await done
         except TimeoutError as err:
             raise HomeAssistantError(
                 translation_domain=DOMAIN, translation_key="load_timeout", translation_placeholders={"model": option}

@@ -84,11 +84,13 @@ class ServerProcess:
     control_port: int = field(default_factory=free_port)
     tls: CertificateFiles | None = None
     process: subprocess.Popen[bytes] | None = None
+    # The loopback address it listens on: several servers on the same ports stand for the replicas of one name.
+    address: str = "127.0.0.1"
 
     @property
     def control_url(self) -> str:
         """Base URL of the control API (https when the server was given a certificate)."""
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.control_port}"
+        return f"{'https' if self.tls else 'http'}://{self.address}:{self.control_port}"
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """A client context that trusts exactly the server's certificate (None for plain HTTP)."""
@@ -105,7 +107,7 @@ class ServerProcess:
             *server_command(),
             "serve",
             "--host",
-            "127.0.0.1",
+            self.address,
             "--wyoming-port",
             str(self.wyoming_port),
             "--control-port",

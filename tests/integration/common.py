@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, ClassVar, Self
+from typing import Any, Self
 
 import pytest
 from aiohttp import web
@@ -68,7 +68,6 @@ SERVER_ARGS = ("--compute-type", "int8")
 class WhisperGpuServer(ServerProcess):
     """A real server on loopback (tiny.en, int8, offline, no zeroconf) as a config entry sees it."""
 
-    host: ClassVar[str] = HOST
     model: str = TEST_MODEL
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     initial_settings: dict[str, Any] = field(default_factory=dict)
@@ -116,7 +115,7 @@ class WhisperGpuServer(ServerProcess):
     def entry_data(self, **changes: Any) -> dict[str, Any]:
         """Return config entry data that points at this server."""
         return {
-            CONF_HOST: self.host,
+            CONF_HOST: self.address,
             CONF_WYOMING_PORT: self.wyoming_port,
             CONF_CONTROL_PORT: self.control_port,
             CONF_TOKEN: self.token,

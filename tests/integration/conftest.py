@@ -49,7 +49,7 @@ def auto_enable_custom_integrations(enable_custom_integrations: None) -> None:
 
 
 # Fixtures that start or share a real server: the tests that use one are the end-to-end layer.
-REAL_SERVER_FIXTURES = {"server", "session_server", "own_server"}
+REAL_SERVER_FIXTURES = {"server", "session_server", "own_server", "replicas", "module_replicas"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -137,8 +137,14 @@ def mock_config_entry(request: pytest.FixtureRequest) -> MockConfigEntry:
 
 @pytest.fixture
 def mock_client() -> Iterator[AsyncMock]:
-    """The integration's client, patched with autospec, answering what a real server answered (fixtures/)."""
-    with patch("custom_components.whisper_gpu.data.WhisperGpuClient", autospec=True) as client_class:
+    """The integration's client, patched with autospec, answering what a real server answered (fixtures/).
+
+    The fixtures' host name is its one replica (it is never resolved).
+    """
+    with (
+        patch("custom_components.whisper_gpu.data.WhisperGpuClient", autospec=True) as client_class,
+        patch("custom_components.whisper_gpu.replicas.async_resolve", side_effect=_unresolved),
+    ):
         client = client_class.return_value
         client.async_get_info.return_value = ServerInfo.from_json(api_fixtures.load("info"))
         client.async_get_status.return_value = ServerStatus.from_json(api_fixtures.load("status"))
@@ -149,6 +155,11 @@ def mock_client() -> Iterator[AsyncMock]:
         client.async_describe.return_value = Info.from_event(Event("info", api_fixtures.load("describe"))).asr[0]
         client.async_transcribe_updates.side_effect = transcript_updates(TranscriptUpdate(UTTERANCE, final=True))
         yield client
+
+
+async def _unresolved(_hass: object, host: str, _port: int) -> list[str]:
+    """The host itself, as its one address."""
+    return [host]
 
 
 @pytest.fixture

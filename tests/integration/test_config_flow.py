@@ -31,8 +31,8 @@ OTHER_HOST = "192.0.2.10"  # TEST-NET-1: never contacted, only stored
 def zeroconf_info(server: WhisperGpuServer, **properties: Any) -> ZeroconfServiceInfo:
     """Return what Home Assistant's zeroconf hands over for the server."""
     return ZeroconfServiceInfo(
-        ip_address=ip_address(server.host),
-        ip_addresses=[ip_address(server.host)],
+        ip_address=ip_address(server.address),
+        ip_addresses=[ip_address(server.address)],
         port=server.wyoming_port,
         hostname="whisper-gpu.local.",
         type="_whisper-gpu._tcp.local.",
@@ -51,7 +51,7 @@ def hassio_info(server: WhisperGpuServer, **config: Any) -> HassioServiceInfo:
     """Return what the Supervisor announces for the add-on's server."""
     return HassioServiceInfo(
         config={
-            "host": server.host,
+            "host": server.address,
             "wyoming_port": server.wyoming_port,
             "control_port": server.control_port,
             "token": server.token,

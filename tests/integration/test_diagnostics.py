@@ -31,6 +31,16 @@ async def test_diagnostics_redact_token_and_host(
     assert diagnostics["server"]["status"]["state"] == "ready"
     assert diagnostics["server"]["settings"]["model"] == "tiny.en"
     assert diagnostics["server"]["last_update_success"] is True
+    assert diagnostics["replicas"] == [
+        {
+            "address": "**REDACTED**",  # the host itself: one server
+            "state": "ready",
+            "model": "tiny.en",
+            "settings": diagnostics["server"]["settings"],
+            "in_step": True,
+            "error": None,
+        }
+    ]
     assert diagnostics["wyoming_asr"]["requires_external_vad"] is False, "the server ends commands itself"
     assert server.token not in json.dumps(diagnostics)
 

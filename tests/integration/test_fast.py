@@ -160,7 +160,7 @@ async def test_reauth_and_reconfigure(
 async def test_options_flow_sends_only_what_changed(
     hass: HomeAssistant, mock_client: AsyncMock, mock_config_entry: MockConfigEntry
 ) -> None:
-    """The form shows the server's settings; only the changed value is sent, and nothing is stored in the entry."""
+    """The form shows the server's settings; only the changed value is sent, and kept as the desired setting."""
     await setup_integration(hass, mock_config_entry)
     settings = mock_client.async_get_settings.return_value
 
@@ -175,11 +175,15 @@ async def test_options_flow_sends_only_what_changed(
         for section_key, section in result["data_schema"].schema.items()
     }
     form["decoding"]["beam_size"] = settings["beam_size"] + 1
+    mock_client.async_update_settings.return_value = {**settings, "beam_size": settings["beam_size"] + 1}
     result = await hass.config_entries.options.async_configure(result["flow_id"], form)
 
     assert result["type"] is FlowResultType.CREATE_ENTRY
     mock_client.async_update_settings.assert_awaited_once_with({"beam_size": settings["beam_size"] + 1})
-    assert mock_config_entry.options == {"send_names": True}, "only the integration's own option"
+    assert mock_config_entry.options == {
+        "send_names": True,
+        "desired_settings": {"beam_size": settings["beam_size"] + 1},
+    }, "the integration's own option and the setting the user changed"
 
 
 @pytest.mark.parametrize(

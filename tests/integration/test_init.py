@@ -25,6 +25,7 @@ ENTITIES = (
     "sensor.whisper_gpu_model_state",
     "sensor.whisper_gpu_loaded_model",
     "sensor.whisper_gpu_last_request_duration",
+    "sensor.whisper_gpu_ready_replicas",
 )
 
 
@@ -51,6 +52,8 @@ async def test_setup_unload_reload(
     assert hass.states.get("sensor.whisper_gpu_model_state").state == "ready"
     assert hass.states.get("sensor.whisper_gpu_loaded_model").state == "tiny.en"
     assert hass.states.get("select.whisper_gpu_model").state == "tiny.en"
+    ready = hass.states.get("sensor.whisper_gpu_ready_replicas")
+    assert (ready.state, ready.attributes["replicas"]) == ("1", 1), "a single server is one replica of one"
 
     assert await hass.config_entries.async_reload(mock_config_entry.entry_id)
     await hass.async_block_till_done()

@@ -43,7 +43,7 @@ def form_input(settings: dict[str, Any], **changes: Any) -> dict[str, dict[str, 
 async def test_options_form_is_built_from_the_server(
     hass: HomeAssistant, server: WhisperGpuServer, mock_config_entry: MockConfigEntry
 ) -> None:
-    """Sections with the server's models, languages and ranges; a change is sent and mirrored."""
+    """Sections with the server's models, languages and ranges; a change is sent, mirrored and kept as desired."""
     await setup_integration(hass, mock_config_entry)
     settings = server.settings()
 
@@ -91,7 +91,7 @@ async def test_options_form_is_built_from_the_server(
     new_settings = server.settings()
     assert {name: new_settings[name] for name in changes} == changes
     assert type(new_settings["speech_pad_ms"]) is int
-    assert mock_config_entry.options == LOCAL_OPTIONS, "the server's settings stay on the server"
+    assert mock_config_entry.options == {**LOCAL_OPTIONS, "desired_settings": changes}, "what the user changed is kept"
     assert mock_config_entry.state is ConfigEntryState.LOADED
 
 

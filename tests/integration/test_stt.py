@@ -166,7 +166,7 @@ async def test_partial_text_arrives_while_the_audio_flows_then_the_transcript(
     pcm = Utterance(text, synthesize(text, speech_dir), clear=True).pcm()[0]
     client = WhisperGpuClient(
         async_get_clientsession(hass),
-        server.host,
+        server.address,
         wyoming_port=server.wyoming_port,
         control_port=server.control_port,
         token=server.token,
