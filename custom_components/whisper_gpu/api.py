@@ -3,7 +3,7 @@
 import asyncio
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterable, Mapping
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -25,6 +25,8 @@ CONNECT_TIMEOUT = 10.0
 DESCRIBE_TIMEOUT = 10.0
 # How long the server may take for the transcript once the audio has ended.
 RESULT_TIMEOUT = 60.0
+# Whether the control port speaks TLS: the handshake of the probe.
+TLS_PROBE_TIMEOUT = 5.0
 # A park waits for the transcriptions in flight and queued to finish first.
 PARK_TIMEOUT = aiohttp.ClientTimeout(total=RESULT_TIMEOUT)
 
@@ -39,6 +41,10 @@ class WhisperGpuConnectionError(WhisperGpuError):
 
 class WhisperGpuCertificateError(WhisperGpuConnectionError):
     """The control port's certificate is not trusted (or the CA given is no PEM certificate)."""
+
+
+class WhisperGpuInvalidCaError(WhisperGpuCertificateError):
+    """The CA given to verify the control port with is no PEM certificate."""
 
 
 class WhisperGpuAuthError(WhisperGpuError):
@@ -237,7 +243,7 @@ class WhisperGpuClient:
                 # cadata only: parsing text in memory, no file access (Home Assistant allows it in the loop).
                 context.load_verify_locations(cadata=self._ca_pem)
             except (ssl.SSLError, ValueError) as err:
-                raise WhisperGpuCertificateError(f"The CA certificate is no PEM certificate: {err}") from err
+                raise WhisperGpuInvalidCaError(f"The CA certificate is no PEM certificate: {err}") from err
             self._ssl_context = context
         return self._ssl_context
 
@@ -268,10 +274,36 @@ class WhisperGpuClient:
                 except ValueError:
                     body = None
                 return response.status, body
-        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as err:
+        except aiohttp.ClientConnectorCertificateError as err:
             raise WhisperGpuCertificateError(f"{method} {path} failed: {_describe_error(err)}") from err
         except (aiohttp.ClientError, TimeoutError) as err:
             raise WhisperGpuConnectionError(f"{method} {path} failed: {_describe_error(err)}") from err
+
+    async def async_probe_tls(self) -> bool | None:
+        """Whether the control port speaks TLS: True, False (it accepts connections but not TLS), None (it refuses).
+
+        For a clear error when HTTPS is asked of a plain HTTP port, or plain HTTP of an HTTPS port. The probe only
+        shakes hands, without verifying the certificate, and sends nothing.
+        """
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        port = self._base_url.port
+        try:
+            async with asyncio.timeout(TLS_PROBE_TIMEOUT):
+                _, writer = await asyncio.open_connection(self.host, port)
+        except (OSError, TimeoutError):
+            return None
+        try:
+            async with asyncio.timeout(TLS_PROBE_TIMEOUT):
+                await writer.start_tls(context, server_hostname=self._server_hostname or None)
+        except (OSError, TimeoutError, ssl.SSLError, EOFError):
+            return False
+        finally:
+            writer.close()
+            with suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+        return True
 
     async def async_get_info(self) -> ServerInfo:
         """Read the server's id, models, languages and settings schema."""

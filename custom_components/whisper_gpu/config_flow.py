@@ -36,16 +36,20 @@ from .api import (
     LoadFailure,
     ServerInfo,
     WhisperGpuAuthError,
+    WhisperGpuCertificateError,
     WhisperGpuClient,
     WhisperGpuConnectionError,
     WhisperGpuError,
+    WhisperGpuInvalidCaError,
     WhisperGpuResponseError,
     WhisperGpuSettingsError,
 )
 from .const import (
+    CONF_CA_PEM,
     CONF_CONTROL_PORT,
     CONF_DESIRED_SETTINGS,
     CONF_SERVER_ID,
+    CONF_TLS,
     CONF_WYOMING_PORT,
     DEFAULT_CONTROL_PORT,
     DEFAULT_WYOMING_PORT,
@@ -61,6 +65,7 @@ from .const import (
     SETTING_MODEL,
     SETTING_VAD_THRESHOLD,
     SETTINGS_ERROR_CODES,
+    ZEROCONF_CONTROL_TLS,
 )
 from .data import WhisperGpuConfigEntry, create_client
 from .model_load import load_failure_key, load_failure_placeholders
@@ -71,6 +76,8 @@ PORT_SELECTOR = probatio.All(
     probatio.Coerce(int),
 )
 TOKEN_SELECTOR = TextSelector(TextSelectorConfig(type=TextSelectorType.PASSWORD))
+# The CA certificate (PEM) that the control port's certificate is verified against; empty: the system's CAs.
+CA_PEM_FIELD = {probatio.Optional(CONF_CA_PEM): TextSelector(TextSelectorConfig(multiline=True))}
 
 CONNECTION_SCHEMA = probatio.Schema(
     {
@@ -78,9 +85,13 @@ CONNECTION_SCHEMA = probatio.Schema(
         probatio.Required(CONF_WYOMING_PORT, default=DEFAULT_WYOMING_PORT): (PORT_SELECTOR),
         probatio.Required(CONF_CONTROL_PORT, default=DEFAULT_CONTROL_PORT): (PORT_SELECTOR),
         probatio.Required(CONF_TOKEN): TOKEN_SELECTOR,
+        probatio.Required(CONF_TLS, default=False): BooleanSelector(),
+        **CA_PEM_FIELD,
     }
 )
 TOKEN_SCHEMA = probatio.Schema({probatio.Required(CONF_TOKEN): TOKEN_SELECTOR})
+# A discovered server that speaks HTTPS: its certificate may be one of the user's own CA.
+TOKEN_AND_CA_SCHEMA = probatio.Schema({probatio.Required(CONF_TOKEN): TOKEN_SELECTOR, **CA_PEM_FIELD})
 
 # The options form's switch for the language setting's `auto`: detect the spoken language.
 FIELD_DETECT_LANGUAGE = "detect_language"
@@ -108,13 +119,17 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
         return WhisperGpuOptionsFlow()
 
     async def _async_validate(self, data: Mapping[str, Any]) -> tuple[ServerInfo | None, dict[str, str]]:
-        """Check the server before an entry is made: info, token, Wyoming port."""
+        """Check the server before an entry is made: info (over HTTPS, its certificate), token, Wyoming port."""
         client = create_client(self.hass, data)
         try:
             info = await client.async_get_info()
             await client.async_check_auth()
+        except WhisperGpuInvalidCaError:
+            return None, {CONF_CA_PEM: "invalid_ca"}
+        except WhisperGpuCertificateError:
+            return None, {"base": "untrusted_certificate"}
         except WhisperGpuConnectionError:
-            return None, {"base": "cannot_connect"}
+            return None, {"base": await _async_connection_error(client, tls=bool(data.get(CONF_TLS)))}
         except WhisperGpuAuthError:
             return None, {"base": "invalid_auth"}
         except WhisperGpuResponseError:
@@ -130,12 +145,13 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
         """Ask for the server's address, ports and token."""
         errors: dict[str, str] = {}
         if user_input is not None:
-            info, errors = await self._async_validate(user_input)
+            data = _connection(user_input)
+            info, errors = await self._async_validate(data)
             if info is not None:
                 # A discovery card for the same server may be open: typing it in by hand still wins.
                 await self.async_set_unique_id(info.server_id, raise_on_progress=False)
-                self._abort_if_unique_id_configured(updates=user_input)
-                return self.async_create_entry(title=info.name, data=user_input)
+                self._abort_if_unique_id_configured(updates=data)
+                return self.async_create_entry(title=info.name, data=data)
         return self.async_show_form(
             step_id="user",
             data_schema=self.add_suggested_values_to_schema(CONNECTION_SCHEMA, user_input),
@@ -157,6 +173,8 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
             CONF_HOST: discovery_info.host,
             CONF_WYOMING_PORT: wyoming_port,
             CONF_CONTROL_PORT: control_port,
+            # Servers from before TLS announce no control_tls: plain HTTP.
+            CONF_TLS: str(properties.get(ZEROCONF_CONTROL_TLS, "false")).lower() == "true",
         }
         entry = await self.async_set_unique_id(server_id)
         # The add-on's entry keeps the address the Supervisor gave it.
@@ -168,16 +186,19 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
         return await self.async_step_zeroconf_confirm()
 
     async def async_step_zeroconf_confirm(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
-        """Ask for the token of a discovered server."""
+        """Ask for the token of a discovered server, and for a server that speaks HTTPS the CA it may need."""
         errors: dict[str, str] = {}
+        tls = self._discovered[CONF_TLS]
         if user_input is not None:
-            data = {**self._discovered, CONF_TOKEN: user_input[CONF_TOKEN]}
+            data = _connection({**self._discovered, **user_input})
             info, errors = await self._async_validate(data)
             if info is not None:
                 return self.async_create_entry(title=info.name, data=data)
         return self.async_show_form(
             step_id="zeroconf_confirm",
-            data_schema=TOKEN_SCHEMA,
+            data_schema=self.add_suggested_values_to_schema(
+                TOKEN_AND_CA_SCHEMA if tls else TOKEN_SCHEMA, user_input
+            ),
             description_placeholders={
                 "host": self._discovered[CONF_HOST],
                 "port": str(self._discovered[CONF_CONTROL_PORT]),
@@ -191,12 +212,15 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
         config = discovery_info.config
         try:
             server_id = str(config[CONF_SERVER_ID])
-            data = {
-                CONF_HOST: str(config[CONF_HOST]),
-                CONF_WYOMING_PORT: int(config[CONF_WYOMING_PORT]),
-                CONF_CONTROL_PORT: int(config[CONF_CONTROL_PORT]),
-                CONF_TOKEN: str(config[CONF_TOKEN]),
-            }
+            # The add-on's control port speaks plain HTTP, on the Supervisor's internal network.
+            data = _connection(
+                {
+                    CONF_HOST: str(config[CONF_HOST]),
+                    CONF_WYOMING_PORT: int(config[CONF_WYOMING_PORT]),
+                    CONF_CONTROL_PORT: int(config[CONF_CONTROL_PORT]),
+                    CONF_TOKEN: str(config[CONF_TOKEN]),
+                }
+            )
         except KeyError, TypeError, ValueError:
             return self.async_abort(reason="not_whisper_gpu")
 
@@ -223,15 +247,16 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
         )
 
     async def async_step_reconfigure(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
-        """Change the address, ports or token of a server."""
+        """Change the address, ports, token or HTTPS of a server."""
         entry = self._get_reconfigure_entry()
         errors: dict[str, str] = {}
         if user_input is not None:
-            info, errors = await self._async_validate(user_input)
+            data = _connection(user_input)
+            info, errors = await self._async_validate(data)
             if info is not None:
                 await self.async_set_unique_id(info.server_id)
                 self._abort_if_unique_id_mismatch(reason="wrong_server")
-                return self.async_update_reload_and_abort(entry, data_updates=user_input)
+                return self.async_update_reload_and_abort(entry, data_updates=data)
         return self.async_show_form(
             step_id="reconfigure",
             data_schema=self.add_suggested_values_to_schema(CONNECTION_SCHEMA, user_input or entry.data),
@@ -395,6 +420,32 @@ class WhisperGpuOptionsFlow(OptionsFlow):
         entry: WhisperGpuConfigEntry = self.config_entry
         if entry.state is ConfigEntryState.LOADED:
             await entry.runtime_data.coordinator.async_request_refresh()
+
+
+def _connection(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the connection an entry keeps: address, ports, token, HTTPS (off unless asked for) and its CA.
+
+    The CA is kept with HTTPS only, as PEM text ending in a newline; "" for none (the system's CAs). Both keys are
+    always there, so that a reconfiguration or a repeated setup replaces a CA given before.
+    """
+    tls = bool(data.get(CONF_TLS, False))
+    ca_pem = str(data.get(CONF_CA_PEM) or "").strip() if tls else ""
+    return {
+        CONF_HOST: data[CONF_HOST],
+        CONF_WYOMING_PORT: data[CONF_WYOMING_PORT],
+        CONF_CONTROL_PORT: data[CONF_CONTROL_PORT],
+        CONF_TOKEN: data[CONF_TOKEN],
+        CONF_TLS: tls,
+        CONF_CA_PEM: f"{ca_pem}\n" if ca_pem else "",
+    }
+
+
+async def _async_connection_error(client: WhisperGpuClient, *, tls: bool) -> str:
+    """Name why the control port did not answer: HTTPS asked of a plain HTTP port or the other way round, or not at all."""
+    speaks_tls = await client.async_probe_tls()
+    if speaks_tls is None or speaks_tls == tls:
+        return "cannot_connect"
+    return "tls_required" if speaks_tls else "tls_not_supported"
 
 
 def _flatten(user_input: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,12 @@ LOGGER = logging.getLogger(__package__)
 CONF_WYOMING_PORT: Final = "wyoming_port"
 CONF_CONTROL_PORT: Final = "control_port"
 CONF_SERVER_ID: Final = "id"
+# The control API over HTTPS, verified against the system's CAs or against CONF_CA_PEM (PEM text, "" for none).
+# Wyoming has no TLS: the speech-to-text port stays plain TCP.
+CONF_TLS: Final = "tls"
+CONF_CA_PEM: Final = "ca_pem"
+# The zeroconf TXT property that says whether the control port speaks HTTPS ("true" or "false").
+ZEROCONF_CONTROL_TLS: Final = "control_tls"
 
 DEFAULT_WYOMING_PORT: Final = 10300
 DEFAULT_CONTROL_PORT: Final = 10301

@@ -4,7 +4,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, override
 
-from homeassistant.const import CONF_HOST
 from homeassistant.core import HomeAssistant, callback
 from homeassistant.exceptions import ConfigEntryAuthFailed
 from homeassistant.helpers import device_registry as dr
@@ -94,8 +93,10 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
             update_interval=SCAN_INTERVAL,
         )
         self.replica_set = ReplicaSet(hass, entry)
-        # Wyoming goes through the host name (a Kubernetes Service spreads the connections over the ready replicas).
+        # Wyoming to a single server, and while no replica is known to be ready, goes through the host name.
         self.service_client = create_client(hass, entry.data)
+        # Which ready replica the next transcription starts on (round robin).
+        self._turn = 0
         self._replica_issues: set[str] = set()
 
     @property
@@ -109,14 +110,21 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
         replicas = self.replica_set.replicas
         return [replicas[replica.address].client for replica in self.data.answered if replica.address in replicas]
 
-    def fallback_client(self) -> WhisperGpuClient | None:
-        """A client of another ready replica, for a transcription whose connection broke; None with one replica."""
-        host = self.config_entry.data[CONF_HOST]
+    def transcription_clients(self) -> list[WhisperGpuClient]:
+        """Where the next transcription goes: the client to start on, then the one to try again on, if any.
+
+        With several replicas it starts on one of those that were ready at the last poll, in turn, so that the
+        requests are spread over them, and goes on to the next ready one when that replica fails the request. A
+        replica that was down or loading at the last poll gets none (the host name may resolve to it first). With
+        a single server, or while no replica is known to be ready, it goes through the host name, with no second try.
+        """
         replicas = self.replica_set.replicas
-        if len(replicas) < 2:  # noqa: PLR2004 - one replica has no other
-            return None
-        ready = [replica for replica in replicas.values() if replica.ready and replica.address != host]
-        return ready[0].client if ready else None
+        ready = [replica.client for replica in replicas.values() if replica.ready] if len(replicas) > 1 else []
+        if not ready:
+            return [self.service_client]
+        start = self._turn % len(ready)
+        self._turn += 1
+        return (ready[start:] + ready[:start])[:2]
 
     async def _async_connect(self, replica: Replica) -> None:
         """Check the token and read the info of a replica that answers for the first time or again."""

@@ -1,4 +1,7 @@
-"""Diagnostics of a whisper-gpu entry, with the token and the address redacted."""
+"""Diagnostics of a whisper-gpu entry, with the token, the address and the CA certificate redacted.
+
+The CA certificate is public, but long: only whether one is set shows.
+"""
 
 from dataclasses import asdict
 from typing import Any
@@ -7,9 +10,11 @@ from homeassistant.components.diagnostics import REDACTED, async_redact_data
 from homeassistant.const import CONF_HOST, CONF_TOKEN
 from homeassistant.core import HomeAssistant
 
+from .const import CONF_CA_PEM
 from .data import WhisperGpuConfigEntry
 
-TO_REDACT = {CONF_HOST, CONF_TOKEN}
+# An empty CA (none given) stays "", one that is set shows as redacted.
+TO_REDACT = {CONF_HOST, CONF_TOKEN, CONF_CA_PEM}
 
 
 async def async_get_config_entry_diagnostics(

@@ -130,32 +130,30 @@ class WhisperGpuSpeechToText(WhisperGpuEntity, stt.SpeechToTextEntity):
             await tape.aclose()
 
     async def _async_transcribe(self, tape: AudioTape, language: str, names: list[str] | None) -> AsyncGenerator[Any]:
-        """Transcribe through the host name; when the replica failed the request, once more on another replica.
+        """Transcribe on a ready replica in turn (a single server: its host name); if it fails, once on another.
 
-        A replica failed it when the connection broke before the transcript came, or when it answered that it has
-        no model ready or no room in its queue. The other replica gets the audio from its start (the tape kept it),
-        then the rest as it arrives. Any other error event of the server is about the request itself (its audio,
-        its language) and is not retried.
+        The coordinator chooses both (see transcription_clients). A replica failed the request when the connection
+        broke before the transcript came, or when it answered that it has no model ready or no room in its queue.
+        The other replica gets the audio from its start (the tape kept it), then the rest as it arrives. Any other
+        error event of the server is about the request itself (its audio, its language) and is not retried.
         """
-        client = self.coordinator.service_client
-        retried = False
-        while True:
+        clients = self.coordinator.transcription_clients()
+        for client, then in zip(clients, [*clients[1:], None], strict=True):
             try:
                 async for result in self._async_transcribe_on(client, tape.replay(), language, names):
                     yield result
             except WhisperGpuError as err:
-                fallback = None if retried or not _replica_failed(err) else self.coordinator.fallback_client()
-                if fallback is None:
+                if then is None or not _replica_failed(err):
                     LOGGER.warning("Speech-to-text on %s failed: %s", self.entity_id, err)
                     yield stt.SpeechResult(None, stt.SpeechResultState.ERROR)
                     return
                 LOGGER.warning(
-                    "Speech-to-text on %s failed on its replica (%s); trying again on %s",
+                    "Speech-to-text on %s failed on its replica %s (%s); trying again on %s",
                     self.entity_id,
+                    client.host,
                     err,
-                    fallback.host,
+                    then.host,
                 )
-                client, retried = fallback, True
                 continue
             return
 

@@ -26,7 +26,7 @@ from wyoming.info import AsrModel, AsrProgram, Attribution, Describe, Info
 from wyoming.ping import Ping
 
 from custom_components.whisper_gpu.api import TranscriptUpdate
-from custom_components.whisper_gpu.const import CONF_CONTROL_PORT, CONF_WYOMING_PORT, SCAN_INTERVAL
+from custom_components.whisper_gpu.const import CONF_CA_PEM, CONF_CONTROL_PORT, CONF_TLS, CONF_WYOMING_PORT, SCAN_INTERVAL
 
 HOST = "127.0.0.1"
 TEST_MODEL = "tiny.en"
@@ -56,6 +56,8 @@ FIXTURE_ENTRY_DATA = {
     CONF_WYOMING_PORT: api_fixtures.WYOMING_PORT,
     CONF_CONTROL_PORT: api_fixtures.CONTROL_PORT,
     CONF_TOKEN: "fixture-token",
+    CONF_TLS: False,
+    CONF_CA_PEM: "",
 }
 # The form's switch for the language setting's `auto`: not a setting of its own.
 DETECT_LANGUAGE = "detect_language"
@@ -113,12 +115,14 @@ class WhisperGpuServer(ServerProcess):
         return str(body["server_id"])
 
     def entry_data(self, **changes: Any) -> dict[str, Any]:
-        """Return config entry data that points at this server."""
+        """Return config entry data that points at this server (HTTPS when it has a certificate; no CA given)."""
         return {
             CONF_HOST: self.address,
             CONF_WYOMING_PORT: self.wyoming_port,
             CONF_CONTROL_PORT: self.control_port,
             CONF_TOKEN: self.token,
+            CONF_TLS: self.tls is not None,
+            CONF_CA_PEM: "",
             **changes,
         }
 

@@ -151,6 +151,7 @@ def mock_client() -> Iterator[AsyncMock]:
         settings = api_fixtures.load("settings")["settings"]
         client.async_get_settings.return_value = settings
         client.async_check_auth.return_value = None
+        client.async_probe_tls.return_value = None  # a port that is closed speaks nothing
         client.async_update_settings.return_value = settings
         client.async_describe.return_value = Info.from_event(Event("info", api_fixtures.load("describe"))).asr[0]
         client.async_transcribe_updates.side_effect = transcript_updates(TranscriptUpdate(UTTERANCE, final=True))

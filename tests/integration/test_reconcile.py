@@ -170,13 +170,13 @@ def transcribing(received: list[bytes], *, fail_after: int | None = None, error:
 async def test_a_broken_transcription_is_sent_again_to_another_replica(
     hass: HomeAssistant, clients: dict[str, AsyncMock], mock_config_entry: MockConfigEntry
 ) -> None:
-    """The connection through the host name breaks: the first replica gets all the audio from its start, once."""
+    """The connection to the first ready replica breaks: the next ready one gets all the audio from its start, once."""
     await setup_integration(hass, mock_config_entry)
     service = mock_config_entry.runtime_data.coordinator.service_client
-    through_name: list[bytes] = []
-    on_replica: list[bytes] = []
-    service.async_transcribe_updates.side_effect = transcribing(through_name, fail_after=2)
-    clients[ADDRESSES[0]].async_transcribe_updates.side_effect = transcribing(on_replica)
+    on_first: list[bytes] = []
+    on_second: list[bytes] = []
+    clients[ADDRESSES[0]].async_transcribe_updates.side_effect = transcribing(on_first, fail_after=2)
+    clients[ADDRESSES[1]].async_transcribe_updates.side_effect = transcribing(on_second)
     entity = stt.async_get_speech_to_text_entity(hass, STT_ENTITY_ID)
     assert entity is not None
     audio = [bytes([index]) * 320 for index in range(5)]
@@ -184,8 +184,47 @@ async def test_a_broken_transcription_is_sent_again_to_another_replica(
     result = await entity.async_process_audio_stream(metadata(), _stream(audio))
 
     assert result == stt.SpeechResult("5 chunks", stt.SpeechResultState.SUCCESS)
-    assert through_name == audio[:2]
-    assert on_replica == audio, "from the start, nothing lost"
+    assert on_first == audio[:2]
+    assert on_second == audio, "from the start, nothing lost"
+    assert not service.async_transcribe_updates.called, "not through the host name, which may resolve to any replica"
+    assert not clients[ADDRESSES[2]].async_transcribe_updates.called, "tried again once only"
+
+
+async def test_transcriptions_take_turns_on_the_replicas_that_were_ready_at_the_last_poll(
+    hass: HomeAssistant, clients: dict[str, AsyncMock], mock_config_entry: MockConfigEntry
+) -> None:
+    """Round robin over the ready replicas; one that was down at the last poll gets none, even if it is back."""
+    await setup_integration(hass, mock_config_entry)
+    coordinator = mock_config_entry.runtime_data.coordinator
+    received: dict[str, list[bytes]] = {address: [] for address in ADDRESSES}
+    for address, client in clients.items():
+        client.async_transcribe_updates.side_effect = transcribing(received[address])
+    down = clients[ADDRESSES[1]]
+    down.async_get_status.side_effect = WhisperGpuConnectionError("refused")
+    await poll(hass)
+    down.async_get_status.side_effect = None  # back, but the last poll did not see it
+    entity = stt.async_get_speech_to_text_entity(hass, STT_ENTITY_ID)
+    assert entity is not None
+
+    for _ in range(4):
+        result = await entity.async_process_audio_stream(metadata(), _stream([b"\0" * 320]))
+        assert result.result is stt.SpeechResultState.SUCCESS
+
+    assert [len(received[address]) for address in ADDRESSES] == [2, 0, 2]
+    assert not coordinator.service_client.async_transcribe_updates.called
+
+
+async def test_transcriptions_go_through_the_host_name_while_no_replica_is_known_ready(
+    hass: HomeAssistant, clients: dict[str, AsyncMock], mock_config_entry: MockConfigEntry
+) -> None:
+    """Every replica down at the last poll: the host name, as for a single server, and no second try."""
+    await setup_integration(hass, mock_config_entry)
+    coordinator = mock_config_entry.runtime_data.coordinator
+    for client in clients.values():
+        client.async_get_status.side_effect = WhisperGpuConnectionError("refused")
+    await poll(hass)
+
+    assert coordinator.transcription_clients() == [coordinator.service_client]
 
 
 @pytest.mark.parametrize(
@@ -197,17 +236,16 @@ async def test_a_refused_transcription_is_sent_again_only_when_the_replica_canno
 ) -> None:
     """An error event about the request itself ends it; one that says the replica cannot serve now goes to another."""
     await setup_integration(hass, mock_config_entry)
-    service = mock_config_entry.runtime_data.coordinator.service_client
     error = WhisperGpuTranscriptionError("No.", code)
-    service.async_transcribe_updates.side_effect = transcribing([], fail_after=1, error=error)
-    clients[ADDRESSES[0]].async_transcribe_updates.side_effect = transcribing([])
+    clients[ADDRESSES[0]].async_transcribe_updates.side_effect = transcribing([], fail_after=1, error=error)
+    clients[ADDRESSES[1]].async_transcribe_updates.side_effect = transcribing([])
     entity = stt.async_get_speech_to_text_entity(hass, STT_ENTITY_ID)
     assert entity is not None
 
     result = await entity.async_process_audio_stream(metadata(), _stream([b"\0" * 320] * 3))
 
     assert result.result is (stt.SpeechResultState.SUCCESS if retried else stt.SpeechResultState.ERROR)
-    assert clients[ADDRESSES[0]].async_transcribe_updates.called is retried
+    assert clients[ADDRESSES[1]].async_transcribe_updates.called is retried
 
 
 async def _stream(chunks: list[bytes]) -> AsyncGenerator[bytes]:
