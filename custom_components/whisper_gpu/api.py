@@ -292,12 +292,12 @@ class WhisperGpuClient:
         try:
             async with asyncio.timeout(TLS_PROBE_TIMEOUT):
                 _, writer = await asyncio.open_connection(self.host, port)
-        except (OSError, TimeoutError):
+        except OSError, TimeoutError:
             return None
         try:
             async with asyncio.timeout(TLS_PROBE_TIMEOUT):
                 await writer.start_tls(context, server_hostname=self._server_hostname or None)
-        except (OSError, TimeoutError, ssl.SSLError, EOFError):
+        except OSError, TimeoutError, ssl.SSLError, EOFError:
             return False
         finally:
             writer.close()

@@ -41,7 +41,6 @@ from .api import (
     WhisperGpuConnectionError,
     WhisperGpuError,
     WhisperGpuInvalidCaError,
-    WhisperGpuResponseError,
     WhisperGpuSettingsError,
 )
 from .const import (
@@ -124,16 +123,8 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
         try:
             info = await client.async_get_info()
             await client.async_check_auth()
-        except WhisperGpuInvalidCaError:
-            return None, {CONF_CA_PEM: "invalid_ca"}
-        except WhisperGpuCertificateError:
-            return None, {"base": "untrusted_certificate"}
-        except WhisperGpuConnectionError:
-            return None, {"base": await _async_connection_error(client, tls=bool(data.get(CONF_TLS)))}
-        except WhisperGpuAuthError:
-            return None, {"base": "invalid_auth"}
-        except WhisperGpuResponseError:
-            return None, {"base": "not_whisper_gpu"}
+        except WhisperGpuError as err:
+            return None, await _async_control_error(client, err, tls=bool(data.get(CONF_TLS)))
         try:
             await client.async_describe()
         except WhisperGpuError:
@@ -196,9 +187,7 @@ class WhisperGpuConfigFlow(ConfigFlow, domain=DOMAIN):
                 return self.async_create_entry(title=info.name, data=data)
         return self.async_show_form(
             step_id="zeroconf_confirm",
-            data_schema=self.add_suggested_values_to_schema(
-                TOKEN_AND_CA_SCHEMA if tls else TOKEN_SCHEMA, user_input
-            ),
+            data_schema=self.add_suggested_values_to_schema(TOKEN_AND_CA_SCHEMA if tls else TOKEN_SCHEMA, user_input),
             description_placeholders={
                 "host": self._discovered[CONF_HOST],
                 "port": str(self._discovered[CONF_CONTROL_PORT]),
@@ -440,12 +429,21 @@ def _connection(data: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _async_connection_error(client: WhisperGpuClient, *, tls: bool) -> str:
-    """Name why the control port did not answer: HTTPS asked of a plain HTTP port or the other way round, or not at all."""
-    speaks_tls = await client.async_probe_tls()
-    if speaks_tls is None or speaks_tls == tls:
-        return "cannot_connect"
-    return "tls_required" if speaks_tls else "tls_not_supported"
+async def _async_control_error(client: WhisperGpuClient, err: WhisperGpuError, *, tls: bool) -> dict[str, str]:
+    """Return the form error for a control port that failed the check.
+
+    A connection that failed may be HTTPS asked of a plain HTTP port, or plain HTTP of an HTTPS port: a TLS
+    handshake with the port tells which, so that the form says so rather than "cannot connect".
+    """
+    if isinstance(err, WhisperGpuInvalidCaError):
+        return {CONF_CA_PEM: "invalid_ca"}
+    if isinstance(err, WhisperGpuCertificateError):
+        return {"base": "untrusted_certificate"}
+    if isinstance(err, WhisperGpuConnectionError):
+        speaks_tls = await client.async_probe_tls()
+        mismatch = speaks_tls is not None and speaks_tls != tls
+        return {"base": ("tls_required" if speaks_tls else "tls_not_supported") if mismatch else "cannot_connect"}
+    return {"base": "invalid_auth" if isinstance(err, WhisperGpuAuthError) else "not_whisper_gpu"}
 
 
 def _flatten(user_input: Mapping[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,13 @@ from wyoming.info import AsrModel, AsrProgram, Attribution, Describe, Info
 from wyoming.ping import Ping
 
 from custom_components.whisper_gpu.api import TranscriptUpdate
-from custom_components.whisper_gpu.const import CONF_CA_PEM, CONF_CONTROL_PORT, CONF_TLS, CONF_WYOMING_PORT, SCAN_INTERVAL
+from custom_components.whisper_gpu.const import (
+    CONF_CA_PEM,
+    CONF_CONTROL_PORT,
+    CONF_TLS,
+    CONF_WYOMING_PORT,
+    SCAN_INTERVAL,
+)
 
 HOST = "127.0.0.1"
 TEST_MODEL = "tiny.en"

@@ -58,3 +58,23 @@ async def test_diagnostics_snapshot(
     diagnostics = await get_diagnostics_for_config_entry(hass, hass_client, mock_config_entry)
 
     assert diagnostics == snapshot(exclude=props("entry_id", "created_at", "modified_at"))
+
+
+async def test_diagnostics_show_whether_a_ca_is_set(
+    hass: HomeAssistant,
+    hass_client: ClientSessionGenerator,
+    mock_client: AsyncMock,
+    mock_config_entry: MockConfigEntry,
+) -> None:
+    """Fast layer: HTTPS shows; the CA certificate is public but long, so only that one is set shows."""
+    mock_config_entry.add_to_hass(hass)
+    pem = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n"
+    data = {**mock_config_entry.data, "tls": True, "ca_pem": pem}
+    hass.config_entries.async_update_entry(mock_config_entry, data=data)
+    await setup_integration(hass, mock_config_entry)
+
+    diagnostics = await get_diagnostics_for_config_entry(hass, hass_client, mock_config_entry)
+
+    assert diagnostics["entry"]["data"]["tls"] is True
+    assert diagnostics["entry"]["data"]["ca_pem"] == "**REDACTED**"
+    assert "MIIBfake" not in json.dumps(diagnostics)

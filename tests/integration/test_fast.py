@@ -7,7 +7,7 @@ test_entities.py, test_stt.py, test_init.py); these run in milliseconds and reac
 import dataclasses
 from ipaddress import ip_address
 from typing import Any
-from unittest.mock import AsyncMock
+from unittest.mock import ANY, AsyncMock, patch
 
 import pytest
 from helpers import api_fixtures
@@ -15,7 +15,7 @@ from homeassistant.components import stt
 from homeassistant.components.select import ATTR_OPTION, SERVICE_SELECT_OPTION
 from homeassistant.components.select import DOMAIN as SELECT_DOMAIN
 from homeassistant.config_entries import SOURCE_HASSIO, SOURCE_USER, SOURCE_ZEROCONF, ConfigEntryState
-from homeassistant.const import ATTR_ENTITY_ID, CONF_TOKEN, STATE_UNAVAILABLE
+from homeassistant.const import ATTR_ENTITY_ID, CONF_HOST, CONF_TOKEN, STATE_UNAVAILABLE
 from homeassistant.core import HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.exceptions import HomeAssistantError
@@ -25,12 +25,15 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.whisper_gpu.api import (
     WhisperGpuAuthError,
+    WhisperGpuCertificateError,
     WhisperGpuConnectionError,
+    WhisperGpuInvalidCaError,
     WhisperGpuResponseError,
     WhisperGpuSettingsError,
     WhisperGpuTranscriptionError,
 )
-from custom_components.whisper_gpu.const import DOMAIN
+from custom_components.whisper_gpu.const import CONF_CA_PEM, CONF_CONTROL_PORT, CONF_TLS, CONF_WYOMING_PORT, DOMAIN
+from custom_components.whisper_gpu.data import create_client
 
 from .common import (
     FIXTURE_ENTRY_DATA,
@@ -46,6 +49,13 @@ pytestmark = pytest.mark.usefixtures("mock_client")
 
 SELECT_ENTITY_ID = "select.whisper_gpu_model"
 STT_ENTITY_ID = "stt.whisper_gpu_speech_to_text"
+# A CA certificate as the user pastes it; never parsed here (the client is patched).
+CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n"
+HTTPS_ENTRY_DATA = {**FIXTURE_ENTRY_DATA, CONF_TLS: True, CONF_CA_PEM: CA_PEM}
+# An entry made before the control port could speak HTTPS: no HTTPS keys.
+ENTRY_DATA_BEFORE_HTTPS = {
+    key: FIXTURE_ENTRY_DATA[key] for key in (CONF_HOST, CONF_WYOMING_PORT, CONF_CONTROL_PORT, CONF_TOKEN)
+}
 
 
 async def start_user_flow(hass: HomeAssistant, data: dict[str, Any]) -> dict[str, Any]:
@@ -98,17 +108,22 @@ async def test_user_flow_updates_a_known_server(hass: HomeAssistant, mock_config
     assert mock_config_entry.data == moved
 
 
-async def test_zeroconf_then_token(hass: HomeAssistant) -> None:
-    """A discovered server asks for its token only."""
-    info = ZeroconfServiceInfo(
+def zeroconf_info(**properties: str) -> ZeroconfServiceInfo:
+    """What zeroconf hands over for the fixtures' server at 192.0.2.8, with more TXT properties if given."""
+    return ZeroconfServiceInfo(
         ip_address=ip_address("192.0.2.8"),
         ip_addresses=[ip_address("192.0.2.8")],
         port=api_fixtures.WYOMING_PORT,
         hostname="whisper-gpu.local.",
         type="_whisper-gpu._tcp.local.",
         name="whisper-gpu._whisper-gpu._tcp.local.",
-        properties={"id": api_fixtures.SERVER_ID, "control_port": str(api_fixtures.CONTROL_PORT)},
+        properties={"id": api_fixtures.SERVER_ID, "control_port": str(api_fixtures.CONTROL_PORT), **properties},
     )
+
+
+async def test_zeroconf_then_token(hass: HomeAssistant) -> None:
+    """A discovered server asks for its token only."""
+    info = zeroconf_info()
     result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_ZEROCONF}, data=info)
     assert result["step_id"] == "zeroconf_confirm"
 
@@ -155,6 +170,125 @@ async def test_reauth_and_reconfigure(
     result = await hass.config_entries.flow.async_configure(result["flow_id"], {**moved, "host": "192.0.2.10"})
     assert result["reason"] == "wrong_server"
     assert mock_config_entry.data["host"] == "192.0.2.9"
+
+
+@pytest.mark.parametrize(
+    ("tls", "error", "speaks_tls", "shown"),
+    [
+        (True, WhisperGpuCertificateError("self-signed certificate"), None, {"base": "untrusted_certificate"}),
+        (True, WhisperGpuInvalidCaError("no PEM certificate"), None, {CONF_CA_PEM: "invalid_ca"}),
+        (False, WhisperGpuConnectionError("Server disconnected"), True, {"base": "tls_required"}),
+        (True, WhisperGpuConnectionError("wrong version number"), False, {"base": "tls_not_supported"}),
+        (True, WhisperGpuConnectionError("refused"), None, {"base": "cannot_connect"}),
+        (False, WhisperGpuConnectionError("reset"), False, {"base": "cannot_connect"}),
+    ],
+    ids=["untrusted", "invalid_ca", "https_port_asked_http", "http_port_asked_https", "closed", "broken_http"],
+)
+async def test_user_flow_https_errors_then_recovers(
+    hass: HomeAssistant,
+    mock_client: AsyncMock,
+    tls: bool,
+    error: Exception,
+    speaks_tls: bool | None,
+    shown: dict[str, str],
+) -> None:
+    """Each HTTPS failure has its own error; the right input then creates an entry that speaks HTTPS with its CA."""
+    mock_client.async_get_info.side_effect = error
+    mock_client.async_probe_tls.return_value = speaks_tls
+    result = await start_user_flow(hass, {**FIXTURE_ENTRY_DATA, CONF_TLS: tls, CONF_CA_PEM: CA_PEM})
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == shown
+
+    mock_client.async_get_info.side_effect = None
+    result = dict(await hass.config_entries.flow.async_configure(result["flow_id"], HTTPS_ENTRY_DATA))
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["data"] == HTTPS_ENTRY_DATA
+
+
+async def test_the_ca_is_kept_with_https_only(hass: HomeAssistant) -> None:
+    """A CA pasted while HTTPS is off is not kept; one pasted without its last newline is kept with it."""
+    result = await start_user_flow(hass, {**FIXTURE_ENTRY_DATA, CONF_CA_PEM: CA_PEM})
+    assert result["data"] == FIXTURE_ENTRY_DATA
+    result = await start_user_flow(hass, {**FIXTURE_ENTRY_DATA, CONF_TLS: True, CONF_CA_PEM: f"  {CA_PEM.strip()}"})
+    assert result["reason"] == "already_configured"
+    assert result["type"] is FlowResultType.ABORT
+    entry = hass.config_entries.async_entries(DOMAIN)[0]
+    assert entry.data == HTTPS_ENTRY_DATA
+
+
+@pytest.mark.parametrize(
+    ("data", "tls", "ca_pem"),
+    [
+        (ENTRY_DATA_BEFORE_HTTPS, False, None),
+        (FIXTURE_ENTRY_DATA, False, None),
+        ({**FIXTURE_ENTRY_DATA, CONF_TLS: True}, True, None),
+        (HTTPS_ENTRY_DATA, True, CA_PEM),
+    ],
+    ids=["entry_from_before_https", "http", "https_system_cas", "https_own_ca"],
+)
+async def test_the_client_speaks_https_as_the_entry_says(
+    hass: HomeAssistant, data: dict[str, Any], tls: bool, ca_pem: str | None
+) -> None:
+    """Each replica's client verifies the certificate for the entry's host name; old entries stay on HTTP."""
+    with patch("custom_components.whisper_gpu.data.WhisperGpuClient") as client_class:
+        create_client(hass, data, "10.0.0.1")
+    client_class.assert_called_once_with(
+        ANY,
+        "10.0.0.1",
+        wyoming_port=data[CONF_WYOMING_PORT],
+        control_port=data[CONF_CONTROL_PORT],
+        token=data[CONF_TOKEN],
+        tls=tls,
+        ca_pem=ca_pem,
+        server_hostname=data[CONF_HOST],
+    )
+
+
+async def test_an_entry_from_before_https_loads(hass: HomeAssistant) -> None:
+    """An entry without the HTTPS keys needs no migration: it loads, over plain HTTP."""
+    entry = MockConfigEntry(
+        domain=DOMAIN, title="whisper-gpu", unique_id=api_fixtures.SERVER_ID, data=ENTRY_DATA_BEFORE_HTTPS
+    )
+
+    await setup_integration(hass, entry)
+
+    assert entry.state is ConfigEntryState.LOADED
+
+
+@pytest.mark.parametrize(
+    ("properties", "tls"),
+    [({"control_tls": "true"}, True), ({"control_tls": "false"}, False), ({}, False)],
+    ids=["https", "http", "server_from_before_https"],
+)
+async def test_zeroconf_takes_https_from_the_announcement(
+    hass: HomeAssistant, properties: dict[str, str], tls: bool
+) -> None:
+    """A server that announces HTTPS is set up with it, and its form offers the CA field; others ask the token only."""
+    info = zeroconf_info(**properties)
+    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_ZEROCONF}, data=info)
+    assert set(result["data_schema"].schema) == ({CONF_TOKEN, CONF_CA_PEM} if tls else {CONF_TOKEN})
+
+    user_input = {CONF_TOKEN: "fixture-token", **({CONF_CA_PEM: CA_PEM} if tls else {})}
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], user_input)
+
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["data"][CONF_TLS] is tls
+    assert result["data"][CONF_CA_PEM] == (CA_PEM if tls else "")
+
+
+async def test_reconfigure_turns_https_on_and_off(hass: HomeAssistant, mock_config_entry: MockConfigEntry) -> None:
+    """HTTPS with a CA, then back to HTTP: the CA goes with it."""
+    await setup_integration(hass, mock_config_entry)
+
+    result = await mock_config_entry.start_reconfigure_flow(hass)
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], HTTPS_ENTRY_DATA)
+    assert result["reason"] == "reconfigure_successful"
+    assert mock_config_entry.data == HTTPS_ENTRY_DATA
+
+    result = await mock_config_entry.start_reconfigure_flow(hass)
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], {**HTTPS_ENTRY_DATA, CONF_TLS: False})
+    assert result["reason"] == "reconfigure_successful"
+    assert mock_config_entry.data == FIXTURE_ENTRY_DATA
 
 
 async def test_options_flow_sends_only_what_changed(
