@@ -1,9 +1,11 @@
 """Config flow: user, zeroconf, hassio, reconfigure and reauth, against a real server."""
 
 from ipaddress import ip_address
+from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.tls import issued_by_a_ca, self_signed
 from homeassistant.config_entries import (
     SOURCE_HASSIO,
     SOURCE_USER,
@@ -18,12 +20,15 @@ from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.whisper_gpu.const import (
+    CONF_CA_PEM,
     CONF_CONTROL_PORT,
+    CONF_TLS,
     CONF_WYOMING_PORT,
     DOMAIN,
 )
 
-from .common import HOST, StubControlServer, WhisperGpuServer
+from .common import HOST, StubControlServer, WhisperGpuServer, setup_integration
+from .test_button import STATE_SENSOR_ID, press
 
 OTHER_HOST = "192.0.2.10"  # TEST-NET-1: never contacted, only stored
 
@@ -405,3 +410,91 @@ async def test_user_not_whisper_gpu_answers(
 
     assert result["type"] is FlowResultType.FORM
     assert result["errors"] == {"base": "not_whisper_gpu"}
+
+
+@pytest.mark.parametrize("issuer", ["self-signed", "ca"])
+async def test_user_sets_up_a_server_over_https(
+    hass: HomeAssistant, own_server: WhisperGpuServer, tmp_path: Path, issuer: str
+) -> None:
+    """A real server whose control port speaks HTTPS with a certificate of the user's own (self-signed, or issued by
+    a CA as cert-manager does): without its CA the form says the certificate is not trusted, plain HTTP is told to
+    turn HTTPS on, text that is no certificate is refused; with the CA the entry is made and its entities work.
+    """
+    if issuer == "self-signed":
+        own_server.tls = self_signed(tmp_path / "tls")
+        ca_pem = own_server.tls.pem
+    else:
+        own_server.tls, ca_file = issued_by_a_ca(tmp_path / "tls")
+        ca_pem = ca_file.read_text(encoding="ascii")
+    own_server.start()
+    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
+
+    for user_input, errors in (
+        (own_server.entry_data(), {"base": "untrusted_certificate"}),  # the system's CAs do not know it
+        (own_server.entry_data(tls=False), {"base": "tls_required"}),
+        (own_server.entry_data(ca_pem="not a certificate"), {CONF_CA_PEM: "invalid_ca"}),
+    ):
+        result = await hass.config_entries.flow.async_configure(result["flow_id"], user_input)
+        assert result["type"] is FlowResultType.FORM
+        assert result["errors"] == errors
+
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], own_server.entry_data(ca_pem=ca_pem))
+    await hass.async_block_till_done()
+
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["data"] == own_server.entry_data(ca_pem=ca_pem)
+    assert result["data"][CONF_TLS] is True
+    entry = result["result"]
+    assert entry.state is ConfigEntryState.LOADED
+    assert hass.states.get(STATE_SENSOR_ID).state == "ready"
+    await press(hass)  # the token goes over HTTPS
+    _, status = own_server.request("GET", "/api/v1/status")
+    assert status["state"] == "parked"
+    assert hass.states.get(STATE_SENSOR_ID).state == "parked"
+
+
+async def test_https_asked_of_a_plain_http_port(
+    hass: HomeAssistant, server: WhisperGpuServer, mock_config_entry: MockConfigEntry
+) -> None:
+    """HTTPS against a server without a certificate: the form says the port does not speak it; an entry that asks
+    for it does not load, and reconfiguring it back to HTTP makes it load.
+    """
+    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": SOURCE_USER})
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], server.entry_data(tls=True))
+
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {"base": "tls_not_supported"}
+
+    await setup_integration(hass, mock_config_entry, tls=True)
+    assert mock_config_entry.state is ConfigEntryState.SETUP_RETRY
+    result = await mock_config_entry.start_reconfigure_flow(hass)
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], server.entry_data())
+    await hass.async_block_till_done()
+    assert result["reason"] == "reconfigure_successful"
+    assert mock_config_entry.state is ConfigEntryState.LOADED
+
+
+async def test_zeroconf_of_a_server_that_speaks_https(
+    hass: HomeAssistant, own_server: WhisperGpuServer, tmp_path: Path
+) -> None:
+    """A server that announces control_tls: HTTPS is on from the start; the form asks for the CA beside the token."""
+    own_server.tls = self_signed(tmp_path / "tls")
+    own_server.start()
+
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": SOURCE_ZEROCONF}, data=zeroconf_info(own_server, control_tls="true")
+    )
+    assert result["step_id"] == "zeroconf_confirm"
+    assert set(result["data_schema"].schema) == {CONF_TOKEN, CONF_CA_PEM}
+
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], {CONF_TOKEN: own_server.token})
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {"base": "untrusted_certificate"}
+
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_TOKEN: own_server.token, CONF_CA_PEM: own_server.tls.pem}
+    )
+    await hass.async_block_till_done()
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["data"] == own_server.entry_data(ca_pem=own_server.tls.pem)
+    assert result["result"].state is ConfigEntryState.LOADED
