@@ -283,6 +283,46 @@ async def test_transcription_goes_on_when_a_replica_dies_mid_request(
     assert body["last_request"]["outcome"] == "ok"
 
 
+async def test_transcriptions_take_turns_on_the_replicas_that_were_ready_at_the_last_poll(
+    hass: HomeAssistant, replicas: Replicas, speech_pcm: bytes
+) -> None:
+    """Four commands through the entity: the two replicas that were ready at the last poll get two each, in turn;
+    the third, down at that poll and back since, gets none (the host name alone could have reached any of them).
+    """
+    first, third = replicas[0], replicas[2]
+    # Polled by hand only, so that no poll sees the third come back before the commands.
+    entry = MockConfigEntry(
+        domain=DOMAIN,
+        title="whisper-gpu",
+        unique_id=first.server_id,
+        data=first.entry_data(),
+        pref_disable_polling=True,
+    )
+    await setup_integration(hass, entry)
+    third.stop()
+    await entry.runtime_data.coordinator.async_refresh()
+    assert hass.states.get(READY_ENTITY_ID).state == "2"
+    third.start("--allow-model-paths")
+    before = [requests_total(server) for server in replicas]
+    entity = stt.async_get_speech_to_text_entity(hass, STT_ENTITY_ID)
+    assert entity is not None
+
+    for _ in range(4):
+        result = await entity.async_process_audio_stream(metadata(), audio_stream(speech_pcm))
+        assert result.result is stt.SpeechResultState.SUCCESS
+        assert words(result.text) == UTTERANCE
+
+    served = [requests_total(server) - count for server, count in zip(replicas, before, strict=True)]
+    assert served == [2, 2, 0]
+
+
+def requests_total(server: WhisperGpuServer) -> int:
+    """How many transcription requests the server has had since it started."""
+    status, body = server.request("GET", "/api/v1/status")
+    assert status == 200, body
+    return int(body["requests"]["total"])
+
+
 async def _numbered(chunks: AsyncGenerator[bytes]) -> AsyncGenerator[tuple[int, bytes]]:
     index = 0
     async for chunk in chunks:
