@@ -2,9 +2,9 @@
 
 The servers listen on 127.0.0.2, 127.0.0.3 and 127.0.0.4 with the same ports and token, and the integration's
 resolver is pointed at them. The first runs tiny.en and may not set its model to a directory; the others run base
-(it speaks more languages) and may: so a change can be one that only some of them take. The entry's host, through
-which Wyoming goes, is the first. The servers are shared by the tests of this module; each test leaves them running
-with their first settings.
+(it speaks more languages) and may: so a change can be one that only some of them take. The entry's host is the
+first; speech-to-text goes to the replicas that were ready at the last poll, in turn. The servers are shared by the
+tests of this module; each test leaves them running with their first settings.
 """
 
 import asyncio
@@ -256,8 +256,8 @@ async def test_transcription_goes_on_when_a_replica_dies_mid_request(
     speech_pcm: bytes,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The replica behind the host name is killed while the audio streams: the request is made again on another
-    replica with all the audio, and the transcript comes back.
+    """The replica whose turn it is (the first) is killed while the audio streams: the request is made again on the
+    next ready replica with all the audio, and the transcript comes back.
     """
     await setup_integration(hass, entry)
     entity = stt.async_get_speech_to_text_entity(hass, STT_ENTITY_ID)
