@@ -113,10 +113,11 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
     def transcription_clients(self) -> list[WhisperGpuClient]:
         """Where the next transcription goes: the client to start on, then the one to try again on, if any.
 
-        With several replicas it starts on one of those that were ready at the last poll, in turn, so that the
-        requests are spread over them, and goes on to the next ready one when that replica fails the request. A
-        replica that was down or loading at the last poll gets none (the host name may resolve to it first). With
-        a single server, or while no replica is known to be ready, it goes through the host name, with no second try.
+        With several replicas it starts on one of those that were ready at the last poll (as the Ready replicas
+        sensor counts them), in turn, so that the requests are spread over them, and goes on to the next ready one
+        when that replica fails the request. A replica that was down or loading at the last poll, or did not take
+        the settings last sent to it, gets none (the host name may resolve to it first). With a single server, or
+        while no replica is known to be ready, it goes through the host name, with no second try.
         """
         replicas = self.replica_set.replicas
         ready = [replica.client for replica in replicas.values() if replica.ready] if len(replicas) > 1 else []

@@ -94,8 +94,8 @@ class Replica:
 
     @property
     def ready(self) -> bool:
-        """Whether it serves (or can at once)."""
-        return self.answered and self.status is not None and self.status.state in READY_STATES
+        """Whether it serves (or can at once) and took the settings last sent to it, as the last poll saw it."""
+        return self.error is None and self.answered and self.status is not None and self.status.state in READY_STATES
 
     @property
     def error(self) -> str | None:
