@@ -19,9 +19,17 @@ from unittest.mock import patch
 import pytest
 import pytest_socket
 from homeassistant.components import stt
-from homeassistant.core import HomeAssistant
+from homeassistant.components.assist_pipeline import (
+    PipelineEvent,
+    PipelineEventType,
+    PipelineStage,
+    async_pipeline_from_audio_stream,
+)
+from homeassistant.components.assist_pipeline.pipeline import async_create_default_pipeline
+from homeassistant.core import Context, HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers import issue_registry as ir
+from homeassistant.setup import async_setup_component
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.whisper_gpu.const import DOMAIN
@@ -249,19 +257,24 @@ async def test_a_replica_that_refuses_a_change_raises_a_repair_issue(
     assert replica_issue(issue_registry, entry, english_only.address) is None
 
 
-async def test_transcription_goes_on_when_a_replica_dies_mid_request(
+async def test_an_assist_pipeline_goes_on_when_a_replica_dies_mid_request(
     hass: HomeAssistant,
     replicas: Replicas,
     entry: MockConfigEntry,
     speech_pcm: bytes,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The replica whose turn it is (the first) is killed while the audio streams: the request is made again on the
-    next ready replica with all the audio, and the transcript comes back.
+    """An Assist pipeline runs a command while the replica whose turn it is (the first) is killed mid-stream: the
+    request is made again on the next ready replica with all the audio, and the pipeline ends with the text.
     """
+    assert await async_setup_component(hass, "homeassistant", {})
+    assert await async_setup_component(hass, "conversation", {})
+    assert await async_setup_component(hass, "assist_pipeline", {})
     await setup_integration(hass, entry)
-    entity = stt.async_get_speech_to_text_entity(hass, STT_ENTITY_ID)
-    assert entity is not None
+    pipeline = await async_create_default_pipeline(
+        hass, stt_engine_id=STT_ENTITY_ID, tts_engine_id=None, pipeline_name="whisper-gpu"
+    )
+    assert pipeline is not None
     first = replicas[0]
     assert first.process is not None
 
@@ -273,10 +286,22 @@ async def test_transcription_goes_on_when_a_replica_dies_mid_request(
             yield chunk
             await asyncio.sleep(0.005)
 
-    result = await entity.async_process_audio_stream(metadata(), stream())
+    events: list[PipelineEvent] = []
+    await async_pipeline_from_audio_stream(
+        hass,
+        context=Context(),
+        event_callback=events.append,
+        stt_metadata=metadata(),
+        stt_stream=stream(),
+        pipeline_id=pipeline.id,
+        end_stage=PipelineStage.STT,
+    )
 
-    assert result.result is stt.SpeechResultState.SUCCESS, "retried on another replica"
-    assert words(result.text) == UTTERANCE
+    by_type = {event.type: event for event in events}
+    assert PipelineEventType.ERROR not in by_type, by_type.get(PipelineEventType.ERROR)
+    stt_end = by_type[PipelineEventType.STT_END]
+    assert stt_end.data is not None
+    assert words(stt_end.data["stt_output"]["text"]) == UTTERANCE, "retried on another replica"
     assert f"trying again on {ADDRESSES[1]}" in caplog.text, "on the second replica"
     status, body = replicas[1].request("GET", "/api/v1/status")
     assert status == 200
