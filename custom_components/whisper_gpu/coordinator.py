@@ -14,6 +14,7 @@ from .api import (
     ServerInfo,
     ServerStatus,
     WhisperGpuAuthError,
+    WhisperGpuCertificateError,
     WhisperGpuClient,
     WhisperGpuError,
 )
@@ -61,6 +62,11 @@ class WhisperGpuState:
 def model_failed_issue_id(entry: WhisperGpuConfigEntry) -> str:
     """Return the id of the repair issue for a model that failed to load."""
     return f"model_failed_{entry.entry_id}"
+
+
+def certificate_issue_id(entry: WhisperGpuConfigEntry) -> str:
+    """Return the id of the repair issue for a control port whose certificate is not trusted."""
+    return f"untrusted_certificate_{entry.entry_id}"
 
 
 def replica_issue_id(entry: WhisperGpuConfigEntry, address: str) -> str:
@@ -145,12 +151,14 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
                 replica.info = await replica.client.async_get_info()
             replica.status = status
             replica.poll_error = None
+            replica.untrusted = False
         except WhisperGpuAuthError:
             replica.connected = False
             raise
         except WhisperGpuError as err:
             replica.connected = False
             replica.poll_error = str(err)
+            replica.untrusted = isinstance(err, WhisperGpuCertificateError)
 
     @override
     async def _async_update_data(self) -> WhisperGpuState:
@@ -160,6 +168,7 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
             await async_each(self._async_poll(replica) for replica in replicas)
         except WhisperGpuAuthError as err:
             raise ConfigEntryAuthFailed(translation_domain=DOMAIN, translation_key="invalid_auth") from err
+        self._async_update_certificate_issue(replicas)
         answered = [replica for replica in replicas if replica.answered]
         if not answered:
             raise _update_failed(replicas[0].poll_error or "")
@@ -247,9 +256,35 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
     def async_delete_issues(self) -> None:
         """Remove the repair issues of the entry (it is unloaded)."""
         ir.async_delete_issue(self.hass, DOMAIN, model_failed_issue_id(self.config_entry))
+        ir.async_delete_issue(self.hass, DOMAIN, certificate_issue_id(self.config_entry))
         for address in self._replica_issues:
             ir.async_delete_issue(self.hass, DOMAIN, replica_issue_id(self.config_entry, address))
         self._replica_issues = set()
+
+    @callback
+    def _async_update_certificate_issue(self, replicas: list[Replica]) -> None:
+        """Raise a repair issue while the control port's certificate is not trusted; remove it once it is.
+
+        A certificate renewed by another CA, or one that expired, otherwise shows only as unavailable entities.
+        """
+        issue_id = certificate_issue_id(self.config_entry)
+        untrusted = next((replica for replica in replicas if replica.untrusted), None)
+        if untrusted is None:
+            ir.async_delete_issue(self.hass, DOMAIN, issue_id)
+            return
+        ir.async_create_issue(
+            self.hass,
+            DOMAIN,
+            issue_id,
+            is_fixable=False,
+            severity=ir.IssueSeverity.ERROR,
+            translation_key="untrusted_certificate",
+            translation_placeholders={
+                "name": self.config_entry.title,
+                "address": untrusted.address,
+                "error": untrusted.poll_error or "",
+            },
+        )
 
     @callback
     def _async_update_model_issue(self, status: ServerStatus) -> None:

@@ -83,6 +83,8 @@ class Replica:
     settings: dict[str, Any] | None = None
     # Why the last poll got no answer; None while it answers.
     poll_error: str | None = None
+    # Whether the last poll failed because the control port's certificate is not trusted.
+    untrusted: bool = False
     # Why the last change sent to it failed (refused, unreachable); None once it took one.
     apply_error: str | None = None
     connected: bool = False

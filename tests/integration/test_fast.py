@@ -19,6 +19,7 @@ from homeassistant.const import ATTR_ENTITY_ID, CONF_HOST, CONF_TOKEN, STATE_UNA
 from homeassistant.core import HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.exceptions import HomeAssistantError
+from homeassistant.helpers import issue_registry as ir
 from homeassistant.helpers.service_info.hassio import HassioServiceInfo
 from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 from pytest_homeassistant_custom_component.common import MockConfigEntry
@@ -395,6 +396,30 @@ async def test_setup_retries_while_the_wyoming_port_is_closed(
 
     assert mock_config_entry.state is ConfigEntryState.SETUP_RETRY
     assert mock_config_entry.error_reason_translation_key == "wyoming_unreachable"
+
+
+async def test_a_certificate_no_longer_trusted_raises_a_repair_issue(
+    hass: HomeAssistant, mock_client: AsyncMock, mock_config_entry: MockConfigEntry, issue_registry: ir.IssueRegistry
+) -> None:
+    """The server's certificate was renewed by a CA Home Assistant does not trust: unavailable, and a repair issue
+    says why, until the certificate is trusted again.
+    """
+    await setup_integration(hass, mock_config_entry)
+    issue_id = f"untrusted_certificate_{mock_config_entry.entry_id}"
+    mock_client.async_get_status.side_effect = WhisperGpuCertificateError("certificate verify failed")
+    await poll(hass)
+
+    assert hass.states.get("sensor.whisper_gpu_model_state").state == STATE_UNAVAILABLE
+    issue = issue_registry.async_get_issue(DOMAIN, issue_id)
+    assert issue is not None
+    assert issue.translation_key == "untrusted_certificate"
+    assert issue.translation_placeholders is not None
+    assert "certificate verify failed" in issue.translation_placeholders["error"]
+
+    mock_client.async_get_status.side_effect = None
+    await poll(hass)
+    assert hass.states.get("sensor.whisper_gpu_model_state").state != STATE_UNAVAILABLE
+    assert issue_registry.async_get_issue(DOMAIN, issue_id) is None
 
 
 async def test_a_token_rejected_after_a_restart_starts_reauth(
