@@ -405,10 +405,14 @@ class WhisperGpuOptionsFlow(OptionsFlow):
         return self.async_create_entry(data={**self._local, CONF_DESIRED_SETTINGS: desired} if desired else self._local)
 
     async def _async_refresh_entry(self) -> None:
-        """Let the entities follow the server now (the coordinator polls quickly while a model loads)."""
+        """Let the entities follow the server now (the coordinator polls quickly while a model loads).
+
+        Not the debounced request: one made when the load started would hold back the one made when it ended, and
+        the device page would show the old model after the dialog said the new one serves.
+        """
         entry: WhisperGpuConfigEntry = self.config_entry
         if entry.state is ConfigEntryState.LOADED:
-            await entry.runtime_data.coordinator.async_request_refresh()
+            await entry.runtime_data.coordinator.async_refresh()
 
 
 def _connection(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -76,7 +76,8 @@ class WhisperGpuModelSelect(WhisperGpuEntity, SelectEntity):
                 translation_domain=DOMAIN, translation_key="load_timeout", translation_placeholders={"model": option}
             ) from err
         finally:
-            await self.coordinator.async_request_refresh()
+            # At once, not debounced behind the request made when the load started.
+            await self.coordinator.async_refresh()
         if failure is not None:
             raise HomeAssistantError(
                 translation_domain=DOMAIN,
