@@ -235,20 +235,15 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
             if len(replicas) > 1 and (replica.error is not None or (replica.answered and replica.differs(desired)))
         }
         for address in self._replica_issues - failing.keys():
-            ir.async_delete_issue(self.hass, DOMAIN, replica_issue_id(self.config_entry, address))
+            self._async_set_issue(
+                replica_issue_id(self.config_entry, address), translation_key="replica_out_of_step", placeholders=None
+            )
         for address, replica in failing.items():
-            ir.async_create_issue(
-                self.hass,
-                DOMAIN,
+            self._async_set_issue(
                 replica_issue_id(self.config_entry, address),
-                is_fixable=False,
-                severity=ir.IssueSeverity.WARNING,
                 translation_key="replica_out_of_step",
-                translation_placeholders={
-                    "name": self.config_entry.title,
-                    "address": address,
-                    "error": replica.error or _differs_text(replica, desired),
-                },
+                placeholders={"address": address, "error": replica.error or _differs_text(replica, desired)},
+                severity=ir.IssueSeverity.WARNING,
             )
         self._replica_issues = set(failing)
 
@@ -267,23 +262,11 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
 
         A certificate renewed by another CA, or one that expired, otherwise shows only as unavailable entities.
         """
-        issue_id = certificate_issue_id(self.config_entry)
         untrusted = next((replica for replica in replicas if replica.untrusted), None)
-        if untrusted is None:
-            ir.async_delete_issue(self.hass, DOMAIN, issue_id)
-            return
-        ir.async_create_issue(
-            self.hass,
-            DOMAIN,
-            issue_id,
-            is_fixable=False,
-            severity=ir.IssueSeverity.ERROR,
+        self._async_set_issue(
+            certificate_issue_id(self.config_entry),
             translation_key="untrusted_certificate",
-            translation_placeholders={
-                "name": self.config_entry.title,
-                "address": untrusted.address,
-                "error": untrusted.poll_error or "",
-            },
+            placeholders={"address": untrusted.address, "error": untrusted.poll_error or ""} if untrusted else None,
         )
 
     @callback
@@ -292,24 +275,40 @@ class WhisperGpuCoordinator(DataUpdateCoordinator[WhisperGpuState]):
 
         After a failed switch the old model keeps serving: the server is healthy, and the issue goes.
         """
-        issue_id = model_failed_issue_id(self.config_entry)
-        if status.state != STATE_FAILED or status.model is not None:
+        failure = status.last_failure
+        self._async_set_issue(
+            model_failed_issue_id(self.config_entry),
+            translation_key="model_failed",
+            placeholders={
+                "model": failure.model if failure else "-",
+                "code": status.error_code or "unknown",
+                "message": status.error_message or "",
+            }
+            if status.state == STATE_FAILED and status.model is None
+            else None,
+        )
+
+    @callback
+    def _async_set_issue(
+        self,
+        issue_id: str,
+        *,
+        translation_key: str,
+        placeholders: dict[str, str] | None,
+        severity: ir.IssueSeverity = ir.IssueSeverity.ERROR,
+    ) -> None:
+        """Raise a repair issue of the entry with these placeholders (and its name), or remove it given None."""
+        if placeholders is None:
             ir.async_delete_issue(self.hass, DOMAIN, issue_id)
             return
-        failure = status.last_failure
         ir.async_create_issue(
             self.hass,
             DOMAIN,
             issue_id,
             is_fixable=False,
-            severity=ir.IssueSeverity.ERROR,
-            translation_key="model_failed",
-            translation_placeholders={
-                "name": self.config_entry.title,
-                "model": failure.model if failure else "-",
-                "code": status.error_code or "unknown",
-                "message": status.error_message or "",
-            },
+            severity=severity,
+            translation_key=translation_key,
+            translation_placeholders={"name": self.config_entry.title, **placeholders},
         )
 
 
