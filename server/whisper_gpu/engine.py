@@ -14,7 +14,8 @@ below the full window's at a third of the full window's cost. With `LANGUAGE=aut
 encoder output already computed.
 
 Names a request brings (of the speaker's home) become the decoder's prompt, the text before the speech, and the
-transcript's near-misses of them are spelled as the names (names.py).
+transcript's near-misses of them are spelled as the names (names.py). A decode that merely repeats the prompt's
+names is done again without them: given names, unclear speech tends to come out as a list of them.
 """
 
 from __future__ import annotations
@@ -411,9 +412,9 @@ class WhisperEngine:
     def _redo(self, requests: list[_Request]) -> None:
         """Decode again what looped (in the full window) or was unsure (in a wider one).
 
-        With names, the first redo's prompt leads with the names closest to what was heard; a piece that loops or
-        repeats the names of its prompt even in the full window is decoded once more without them, and what loops
-        then gets faster-whisper's temperature fallback.
+        With names, the first redo's prompt leads with the names closest to what was heard; a piece that loops even
+        in the full window is decoded once more without them, and what loops then gets faster-whisper's temperature
+        fallback. A piece that repeats the names of its prompt is decoded again without them, in the same window.
         """
         pieces = [piece for request in requests for piece in request.pieces]
         while pending := [piece for piece in pieces if piece.recheck_frames]:
@@ -462,10 +463,10 @@ class WhisperEngine:
             tokens = result.sequences_ids[0]
             piece.text = self._tokenizer(piece.request.language or "en").decode(tokens).strip()
             logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
-            looped = looks_looped(tokens, piece.text, cap) or bool(
-                piece.names_prompt and piece.request.echo and piece.request.echo(piece.text)
-            )
-            if looped and frames < _FULL_FRAMES:
+            looped = looks_looped(tokens, piece.text, cap)
+            if piece.names_prompt and piece.request.echo and piece.request.echo(piece.text):
+                piece.recheck_frames, piece.prompt = frames, []  # the names misled it: again, without them
+            elif looped and frames < _FULL_FRAMES:
                 piece.recheck_frames = _FULL_FRAMES
             elif looped and piece.names_prompt:
                 piece.recheck_frames, piece.prompt = _FULL_FRAMES, []  # once more, without names

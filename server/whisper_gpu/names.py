@@ -27,6 +27,7 @@ _MIN_LETTERS = 4  # shorter runs ("the", "on") look like too many things
 _LENGTH_RATIO = 0.75
 _WORD = re.compile(r"\S+")
 _TRAILING_PUNCTUATION = re.compile(r"[.,!?;:]+$")
+_POSSESSIVE = re.compile("['\u2019]s\\W*$")  # Kaia's, also with a typographic apostrophe
 _UNDECOMPOSED = str.maketrans({"ß": "ss", "ł": "l", "ø": "o", "đ": "d", "æ": "ae", "œ": "oe"})
 
 
@@ -100,18 +101,22 @@ class PromptEcho:
     """Tells a decode that repeats the names of its prompt from one that uses them.
 
     Given names, Whisper sometimes writes unclear speech as names of its prompt: nothing but their words ("Järvinen
-    Heater" for "turn on the fan"), or the list itself ("Sauna, Thermostat, Kotatsu 21 degrees").
+    Heater" for "turn on the fan"), or in the prompt's form, a list ("Shit, Thermostat, Kotatsu, 21 degrees." for
+    "set the thermostat to twenty one degrees"). A command rarely has a comma beside a name.
     """
 
     def __init__(self, names: Iterable[str]) -> None:
-        names = list(names)
-        self._words = frozenset(letters(word) for name in names for word in name.split())
-        self._names = frozenset(letters(name) for name in names)
+        self._words = frozenset(_word_key(word) for name in names for word in name.split())
 
     def __call__(self, text: str) -> bool:
-        """Whether the text is made of nothing but words of the names, or starts with a name and a comma."""
-        words = [word for word in map(letters, text.split()) if word]
-        if words and all(word in self._words for word in words):
-            return True
-        first, comma, _ = text.partition(",")
-        return bool(comma) and letters(first) in self._names
+        """Whether the text is made of nothing but words of the names, or lists some between commas."""
+        for clause in text.split(","):
+            keys = [key for key in map(_word_key, clause.split()) if key]
+            if keys and all(key in self._words for key in keys):
+                return True
+        return False
+
+
+def _word_key(word: str) -> str:
+    """A word compared without case, accents or a possessive ending ("Kaia's" is a word of "Kaia's Room")."""
+    return letters(_POSSESSIVE.sub("", word))
