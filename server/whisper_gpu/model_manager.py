@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import (
+    CpuThreads,
     Device,
     WhisperEngine,
     resolve_compute_type,
@@ -178,7 +179,7 @@ class LoadSettings:
     """Boot settings that shape every load."""
 
     offline: bool
-    cpu_threads: int
+    cpu_threads: CpuThreads
     memory_limit_mb: int
 
 

@@ -21,6 +21,7 @@ from . import __version__
 from .boot_settings import ResolvedSettings
 from .endpoint import EndpointSettings
 from .engine import (
+    CpuThreads,
     DecodeOptions,
     Device,
     TranscriptResult,
@@ -113,7 +114,7 @@ class Service:
             self.metrics,
             LoadSettings(
                 offline=bool(boot["offline"]),
-                cpu_threads=boot["cpu_threads"] or usable_cpu_count(),
+                cpu_threads=CpuThreads(boot["cpu_threads"] or usable_cpu_count(), boot["cpu_threads_per_worker"]),
                 memory_limit_mb=boot["memory_limit_mb"],
             ),
             self.journal,

@@ -426,6 +426,16 @@ SETTINGS: Mapping[str, SettingSpec] = _spec_table(
         description="Threads for CPU inference; 0 uses every core this process may use",
     ),
     SettingSpec(
+        name="cpu_threads_per_worker",
+        kind=int,
+        default=1,
+        minimum=1,
+        maximum=1024,
+        description="CPU threads each decoding worker uses; the CPU threads make that many fewer workers, which "
+        "transcribe side by side. 1 is fastest for base and smaller (the decoder gains nothing from more threads); "
+        "more shortens a lone request's encoder on a large model",
+    ),
+    SettingSpec(
         name="max_batch",
         kind=int,
         default=8,

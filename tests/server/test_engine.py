@@ -15,7 +15,15 @@ import jiwer
 import numpy as np
 import pytest
 from helpers.speech import Utterance
-from whisper_gpu.engine import FULL_WINDOW_S, DecodeOptions, Device, WhisperEngine, looks_looped, speech_pieces
+from whisper_gpu.engine import (
+    FULL_WINDOW_S,
+    CpuThreads,
+    DecodeOptions,
+    Device,
+    WhisperEngine,
+    looks_looped,
+    speech_pieces,
+)
 from whisper_gpu.inference import InferenceQueue, Urgency
 from whisper_gpu.models import ModelCache
 from whisper_normalizer.english import EnglishTextNormalizer
@@ -25,7 +33,7 @@ normalize = EnglishTextNormalizer()
 
 def _load(name: str, cache_dir: Path) -> WhisperEngine:
     path = ModelCache(cache_dir).ensure(name, offline=True)
-    return WhisperEngine(name=name, path=path, device=Device("cpu"), compute_type="int8", cpu_threads=2)
+    return WhisperEngine(name=name, path=path, device=Device("cpu"), compute_type="int8", cpu_threads=CpuThreads(2))
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from helpers.server import ServerProcess, read_answer, transcribe
 from helpers.speech import COMMANDS, Utterance, synthesize
-from whisper_gpu.engine import DecodeOptions, Device, WhisperEngine, is_unusual, select_names
+from whisper_gpu.engine import CpuThreads, DecodeOptions, Device, WhisperEngine, is_unusual, select_names
 from whisper_gpu.models import ModelCache
 from whisper_gpu.names import NameSpeller, PromptEcho
 from wyoming.asr import Transcript
@@ -131,7 +131,9 @@ async def test_terms_are_used_after_names(whisper_server: ServerProcess, speech_
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WhisperEngine]:
     path = ModelCache(tmp_path_factory.mktemp("tiny")).ensure("tiny.en", offline=True)
-    engine = WhisperEngine(name="tiny.en", path=path, device=Device("cpu"), compute_type="int8", cpu_threads=2)
+    engine = WhisperEngine(
+        name="tiny.en", path=path, device=Device("cpu"), compute_type="int8", cpu_threads=CpuThreads(2)
+    )
     yield engine
     engine.close()
 
