@@ -16,6 +16,7 @@ from typing import Any
 import voluptuous as vol
 from faster_whisper.tokenizer import _LANGUAGE_CODES
 
+from .engine import DEFAULT_WINDOW_S, FULL_WINDOW_S
 from .errors import CodedError
 from .models import KNOWN_MODELS, is_known_model, looks_like_model_reference
 
@@ -358,9 +359,9 @@ SETTINGS: Mapping[str, SettingSpec] = _spec_table(
     SettingSpec(
         name="encoder_window_s",
         kind=float,
-        default=10.0,
+        default=DEFAULT_WINDOW_S,
         minimum=1.0,
-        maximum=30.0,
+        maximum=FULL_WINDOW_S,
         description="Seconds of audio the encoder sees at once; shorter is faster, longer speech is split at "
         "pauses, and a looping decode is redone in the full 30 s window, an unsure one in a window twice as long",
         runtime=True,

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from helpers.speech import Utterance
 from whisper_gpu.engine import (
+    DEFAULT_WINDOW_S,
     FULL_WINDOW_S,
     CpuThreads,
     DecodeOptions,
@@ -70,7 +71,7 @@ def test_batched_and_one_by_one_give_the_same_text(base: WhisperEngine, commands
 
 
 def test_fitted_window_is_as_accurate_as_the_full_window(base: WhisperEngine, commands: list[Utterance]) -> None:
-    """The default 10 s window, guard included, against Whisper's 30 s on the command set, one request at a time.
+    """The default 8 s window, guard included, against Whisper's 30 s on the command set, one request at a time.
 
     The clear commands must come back the same. On the unclear ones base's int8 decode wavers between runs even in
     the full window (one or two words of the set), so the fitted window may miss at most two words more.
@@ -78,7 +79,7 @@ def test_fitted_window_is_as_accurate_as_the_full_window(base: WhisperEngine, co
     references = [normalize(u.text) for u in commands]
     audio = [samples(u) for u in commands]
     full = [normalize(base.transcribe(a, options(FULL_WINDOW_S)).text) for a in audio]
-    fitted = [normalize(base.transcribe(a, options(10.0)).text) for a in audio]
+    fitted = [normalize(base.transcribe(a, options(DEFAULT_WINDOW_S)).text) for a in audio]
     words = sum(len(reference.split()) for reference in references)
     fitted_errors, full_errors = (round(jiwer.wer(references, texts) * words) for texts in (fitted, full))
     assert fitted_errors <= full_errors + 2, list(zip(full, fitted, strict=True))
