@@ -196,6 +196,11 @@ class _Piece:
     prompt: list[int] | None = None  # for the redo: the names closest to what the first decode heard
 
     @property
+    def fitted_frames(self) -> int:
+        """The window the request asked for (a piece decoded again without names is still in it)."""
+        return round(min(self.request.options.window_s, FULL_WINDOW_S) * _FRAMES_PER_SECOND)
+
+    @property
     def names_prompt(self) -> list[int]:
         return self.request.prompt if self.prompt is None else self.prompt
 
@@ -518,7 +523,7 @@ class WhisperEngine:
                 piece.recheck_frames, piece.prompt = _FULL_FRAMES, []  # once more, without names
             elif looped:
                 piece.loops_in_full_window = True
-            elif frames < _FULL_FRAMES and not piece.redone and logprob < _UNSURE_LOGPROB:
+            elif frames == piece.fitted_frames < _FULL_FRAMES and logprob < _UNSURE_LOGPROB:
                 piece.recheck_frames = min(frames * _UNSURE_WIDENING, _FULL_FRAMES)
         finished = time.perf_counter()
         return {"features": featured - started, "encoder": encoded_at - featured, "decoder": finished - encoded_at}
