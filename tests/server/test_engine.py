@@ -62,7 +62,8 @@ def options(window_s: float, *, beam_size: int = 5, language: str | None = "en")
 
 
 def test_batched_and_one_by_one_give_the_same_text(base: WhisperEngine, commands: list[Utterance]) -> None:
-    """Mixed beam sizes in one batch as well: each request keeps its own."""
+    """Mixed beam sizes in one batch as well: each request keeps its own. The batch is shared out over two workers."""
+    assert base.workers == 2
     requests = [(samples(u), options(10.0, beam_size=1 if i % 3 == 0 else 5)) for i, u in enumerate(commands)]
     alone = [base.transcribe(audio, decode).text for audio, decode in requests]
     together = [result.text for result in base.transcribe_batch(requests)]
@@ -70,8 +71,16 @@ def test_batched_and_one_by_one_give_the_same_text(base: WhisperEngine, commands
     assert sum(bool(text) for text in alone) == len(commands)
 
 
+def test_cpu_threads_are_shared_out_as_workers() -> None:
+    """CPU_THREADS_PER_WORKER threads each; a remainder too small for a worker goes unused."""
+    assert CpuThreads(2).workers == 2
+    assert CpuThreads(8, 2).workers == 4
+    assert CpuThreads(3, 2).workers == 1
+    assert CpuThreads(1, 4).workers == 1, "never fewer than one"
+
+
 def test_fitted_window_is_as_accurate_as_the_full_window(base: WhisperEngine, commands: list[Utterance]) -> None:
-    """The default 8 s window, guard included, against Whisper's 30 s on the command set, one request at a time.
+    """The default 10 s window, guard included, against Whisper's 30 s on the command set, one request at a time.
 
     The clear commands must come back the same. On the unclear ones base's int8 decode wavers between runs even in
     the full window (one or two words of the set), so the fitted window may miss at most two words more.
