@@ -3,13 +3,16 @@
 When the speaker pauses, the audio so far is transcribed at once, below other clients' final transcripts in
 priority; if speech resumes that work is dropped, and when the pause turns out to be the end of the command its
 text is usually ready already. While the speaker talks, partial transcripts are made the same way, at most one
-at a time. Nothing here knows the Wyoming protocol: the handler decides what goes to the client.
+at a time, and only while the audio arrives about as fast as it is spoken: audio sent from a buffer or a file is
+over before anyone could read partial text, which would only hold up the queue. Nothing here knows the Wyoming
+protocol: the handler decides what goes to the client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,6 +26,9 @@ from .inference import Urgency
 _LOGGER = logging.getLogger(__name__)
 # With less speech than this, Whisper guesses wildly at audio cut off mid-sentence (measured on base and tiny.en).
 _MIN_PARTIAL_SPEECH_S = 2.0
+# Audio that came more than this many times faster than it is spoken comes from a buffer or a file. A satellite that
+# sends the second it buffered before the wake word at once, then streams, stays below it.
+_FASTER_THAN_SPOKEN = 2.0
 
 
 class Transcriber(Protocol):
@@ -79,6 +85,7 @@ class LiveRequest:
         self._endpointer = Endpointer(settings.endpoint) if settings.endpoint else None
         self._audio = audio_so_far
         self._samples = 0
+        self._first_audio_at = 0.0
         self._speculation: asyncio.Task[tuple[TranscriptResult, str]] | None = None
         self._speculation_urgency = Urgency(background=True)
         self._partial: asyncio.Task[None] | None = None
@@ -94,6 +101,8 @@ class LiveRequest:
         """Take newly arrived audio; True when it ended the command."""
         if self.ended or not len(audio):
             return self.ended
+        if not self._samples:
+            self._first_audio_at = time.monotonic()
         self._samples += len(audio)
         for event in self._endpointer.feed(audio) if self._endpointer else ():
             if event is SpeechEvent.PAUSE:
@@ -150,6 +159,8 @@ class LiveRequest:
         if self._endpointer is not None and self._endpointer.speech_seconds < _MIN_PARTIAL_SPEECH_S:
             return
         if (self._samples - self._partial_at) / SAMPLE_RATE < interval:
+            return
+        if self._samples / SAMPLE_RATE > _FASTER_THAN_SPOKEN * (time.monotonic() - self._first_audio_at):
             return
         self._partial_at = self._samples
         mid_word = self._endpointer is None or self._endpointer.in_speech

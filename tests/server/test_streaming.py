@@ -59,8 +59,11 @@ class Exchange:
         return at, Transcript.from_event(event).text
 
 
-async def stream_in_real_time(port: int, speech: np.ndarray, trailing_s: float = TRAILING_SILENCE_S) -> Exchange:
-    """Send speech then silence at the pace a microphone makes them, reading the server's events meanwhile."""
+async def stream_in_real_time(
+    port: int, speech: np.ndarray, trailing_s: float = TRAILING_SILENCE_S, *, speed: float = 1.0
+) -> Exchange:
+    """Send speech then silence at the pace a microphone makes them (`speed` times faster), reading the server's events
+    meanwhile."""
     audio = np.concatenate((silence(0.3), speech, silence(trailing_s))).tobytes()
     speech_ends = (0.3 * RATE + len(speech)) / RATE
     exchange = Exchange()
@@ -84,7 +87,7 @@ async def stream_in_real_time(port: int, speech: np.ndarray, trailing_s: float =
             await client.write_event(
                 AudioChunk(rate=RATE, width=2, channels=1, audio=audio[offset : offset + step]).event()
             )
-            await asyncio.sleep(max(0.0, started + (index + 1) * CHUNK_SAMPLES / RATE - time.monotonic()))
+            await asyncio.sleep(max(0.0, started + (index + 1) * CHUNK_SAMPLES / RATE / speed - time.monotonic()))
         await client.write_event(AudioStop().event())
         exchange.stop_sent_at = time.monotonic() - ends_at
         await asyncio.wait_for(reader, timeout=60)
@@ -162,6 +165,29 @@ async def test_partial_text_arrives_before_the_final_text_and_leads_to_it(
     last = partials[-1]
     assert last[:2] == final[:2], f"the last partial {last} does not lead to {final}"
     assert sum(word in final for word in last) >= 0.7 * len(last), f"the last partial {last} strays from {final}"
+
+
+async def test_audio_sent_much_faster_than_spoken_gets_no_partial_transcription(
+    streaming_server: ServerProcess, speech_dir: Path
+) -> None:
+    """Audio from a buffer or a file: partial text could not be read before the transcript, and the model's time
+    goes to transcripts somebody waits for (this one, other clients')."""
+    words = "set the thermostat in the living room to twenty one degrees and turn off the kitchen lights"
+    runs_before = model_runs(streaming_server)
+
+    exchange = await stream_in_real_time(streaming_server.wyoming_port, spoken(words, speech_dir), speed=20)
+
+    assert not exchange.of("transcript-chunk")
+    assert normalize(exchange.transcript[1]).split()[:3] == ["set", "the", "thermostat"]
+    assert model_runs(streaming_server) == runs_before + 1, "one run of the model: the transcript's"
+
+
+def model_runs(server: ServerProcess) -> float:
+    """Batches the model has run (whisper_gpu_batch_size_count): transcripts, partial and speculative ones."""
+    _, text = server.get("/metrics")
+    match = re.search(r"^whisper_gpu_batch_size_count (\S+)$", text, re.MULTILINE)
+    assert match, "the batch size histogram is exported"
+    return float(match.group(1))
 
 
 async def test_a_client_that_does_not_stream_gets_one_transcript(
