@@ -87,15 +87,24 @@ class CpuThreads:
     Whisper's decoder multiplies a few vectors at a time, too little work to share among threads. Measured on 2 cores
     (base, int8, beam 5, a command in the 10 s window): one thread encoded in 74 ms and decoded in 73 ms; two threads
     on one call took 55 ms and 159 ms. Two one-thread workers did 8 commands in 544 ms against 822 ms.
+
+    With more threads the default keeps two workers of half the threads each, so that a large model's encoder still
+    has several threads for a lone request (that machine had no more cores to measure it on).
     """
 
     total: int
-    per_worker: int = 1
+    per_worker: int = 0
+    """0: half the threads each (one each with fewer than four)."""
+
+    @property
+    def threads_per_worker(self) -> int:
+        """Threads each worker runs on."""
+        return min(self.per_worker or max(1, self.total // 2), self.total)
 
     @property
     def workers(self) -> int:
-        """How many calls run side by side (each worker's share is whole threads; a remainder goes unused)."""
-        return max(1, self.total // min(self.per_worker, self.total))
+        """How many calls run side by side (a remainder too small for a worker goes unused)."""
+        return max(1, self.total // self.threads_per_worker)
 
 
 class UnsupportedOnDeviceError(ValueError):
@@ -317,7 +326,7 @@ class WhisperEngine:
             device=device.kind,
             device_index=device.index,
             compute_type=compute_type,
-            cpu_threads=min(cpu_threads.per_worker, cpu_threads.total) if on_cpu else cpu_threads.total,
+            cpu_threads=cpu_threads.threads_per_worker if on_cpu else cpu_threads.total,
             num_workers=self.workers,
         )
         self._calls = ThreadPoolExecutor(self.workers, thread_name_prefix=f"decode-{name}")

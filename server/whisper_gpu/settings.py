@@ -429,12 +429,13 @@ SETTINGS: Mapping[str, SettingSpec] = _spec_table(
     SettingSpec(
         name="cpu_threads_per_worker",
         kind=int,
-        default=1,
-        minimum=1,
+        default=0,
+        minimum=0,
         maximum=1024,
-        description="CPU threads each decoding worker uses; the CPU threads make that many fewer workers, which "
-        "transcribe side by side. 1 is fastest for base and smaller (the decoder gains nothing from more threads); "
-        "more shortens a lone request's encoder on a large model",
+        description="CPU threads each worker uses; the CPU threads make that many fewer workers, which transcribe "
+        "side by side; 0 gives two workers half the threads each (one thread each below four threads). 1 is "
+        "fastest for base and smaller (the decoder gains nothing from more threads); more shortens a lone "
+        "request's encoder on a large model",
     ),
     SettingSpec(
         name="max_batch",

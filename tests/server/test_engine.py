@@ -73,10 +73,13 @@ def test_batched_and_one_by_one_give_the_same_text(base: WhisperEngine, commands
 
 def test_cpu_threads_are_shared_out_as_workers() -> None:
     """CPU_THREADS_PER_WORKER threads each; a remainder too small for a worker goes unused."""
-    assert CpuThreads(2).workers == 2
     assert CpuThreads(8, 2).workers == 4
     assert CpuThreads(3, 2).workers == 1
     assert CpuThreads(1, 4).workers == 1, "never fewer than one"
+    assert (CpuThreads(2).workers, CpuThreads(2).threads_per_worker) == (2, 1), "by default one thread each on 2"
+    assert (CpuThreads(3).workers, CpuThreads(3).threads_per_worker) == (3, 1)
+    assert (CpuThreads(16).workers, CpuThreads(16).threads_per_worker) == (2, 8), "two workers, half the threads each"
+    assert CpuThreads(1).workers == 1
 
 
 def test_fitted_window_is_as_accurate_as_the_full_window(base: WhisperEngine, commands: list[Utterance]) -> None:
