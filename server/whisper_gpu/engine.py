@@ -236,6 +236,21 @@ def speech_pieces(audio: np.ndarray, options: DecodeOptions, window_s: float) ->
     return [piece for piece in pieces if len(piece)]
 
 
+def shared_out(pieces: list[_Piece], count: int) -> list[list[_Piece]]:
+    """The pieces (in request order) in at most `count` shares of about equal size, no request split between two.
+
+    A request's pieces stay together so that its language, detected from their encoder output, is decided once.
+    """
+    bounds = [0]
+    for share in range(1, count):
+        cut = max(bounds[-1], len(pieces) * share // count)
+        while 0 < cut < len(pieces) and pieces[cut].request is pieces[cut - 1].request:
+            cut += 1
+        bounds.append(cut)
+    bounds.append(len(pieces))
+    return [pieces[start:end] for start, end in itertools.pairwise(bounds) if start < end]
+
+
 def looks_looped(tokens: Sequence[int], text: str, token_cap: int) -> bool:
     """Whether a decode went round in circles: the token cap reached, a phrase repeated, or repetitive text."""
     if len(tokens) >= token_cap or get_compression_ratio(text) > _COMPRESSION_RATIO_LIMIT:
@@ -429,29 +444,37 @@ class WhisperEngine:
 
         CTranslate2 decodes a batch only when the speech starts at the same position in every prompt: requests with
         the same names (one home) share calls, those with other names or none get their own. Each worker (of
-        CTranslate2's inter_threads) takes a share of a group's pieces.
+        CTranslate2's inter_threads) takes a share of a group's requests.
         """
         groups: dict[tuple[int, int, int], list[_Piece]] = defaultdict(list)
         for piece in pieces:
             groups[piece.request.options.beam_size, piece.window_frames, len(piece.names_prompt)].append(piece)
-        calls = []
-        for (beam_size, frames, _), grouped in groups.items():
-            count = min(len(grouped), max(self.workers, math.ceil(len(grouped) / _PIECES_PER_CALL)))
-            bounds = [len(grouped) * share // count for share in range(count + 1)]
-            calls += [(grouped[start:end], beam_size, frames) for start, end in itertools.pairwise(bounds)]
-        if len(calls) == 1:
-            timings = [self._decode(*calls[0])]
+        shares = [
+            (share, beam_size, frames)
+            for (beam_size, frames, _), grouped in groups.items()
+            for share in shared_out(grouped, self.workers)
+        ]
+        if len(shares) == 1:
+            timings = [self._decode_share(*shares[0])]
         else:
-            timings = list(self._calls.map(lambda call: self._decode(*call), calls))
-        # A request whose pieces went to several calls waited for the longest of them (they ran side by side).
+            timings = list(self._calls.map(lambda share: self._decode_share(*share), shares))
+        # A request whose pieces went to several shares waited for the longest of them (they ran side by side).
         spent: dict[tuple[int, str], float] = {}
         requests = {id(piece.request): piece.request for piece in pieces}
-        for (call_pieces, _, _), timing in zip(calls, timings, strict=True):
+        for (share_pieces, _, _), timing in zip(shares, timings, strict=True):
             by_stage = {stage: sum(timing.values())} if stage else timing
-            for key in {(id(piece.request), name) for piece in call_pieces for name in by_stage}:
+            for key in {(id(piece.request), name) for piece in share_pieces for name in by_stage}:
                 spent[key] = max(spent.get(key, 0.0), by_stage[key[1]])
         for (request, name), seconds in spent.items():
             requests[request].stages[name] += seconds
+
+    def _decode_share(self, pieces: list[_Piece], beam_size: int, frames: int) -> dict[str, float]:
+        """One worker's share, in calls of a bounded size one after the other; the seconds spent by stage."""
+        spent: dict[str, float] = defaultdict(float)
+        for first in range(0, len(pieces), _PIECES_PER_CALL):
+            for name, seconds in self._decode(pieces[first : first + _PIECES_PER_CALL], beam_size, frames).items():
+                spent[name] += seconds
+        return spent
 
     def _prepare(self, audio: np.ndarray, options: DecodeOptions, *, vad: bool) -> _Request:
         """A request's speech as pieces that fit its encoder window."""

@@ -22,7 +22,10 @@ from whisper_gpu.engine import (
     DecodeOptions,
     Device,
     WhisperEngine,
+    _Piece,
+    _Request,
     looks_looped,
+    shared_out,
     speech_pieces,
 )
 from whisper_gpu.hardware import prefer_avx512
@@ -81,6 +84,26 @@ def test_cpu_threads_are_shared_out_as_workers() -> None:
     assert (CpuThreads(3).workers, CpuThreads(3).threads_per_worker) == (3, 1)
     assert (CpuThreads(16).workers, CpuThreads(16).threads_per_worker) == (2, 8), "two workers, half the threads each"
     assert CpuThreads(1).workers == 1
+
+
+def test_a_batch_is_shared_out_over_the_workers_without_splitting_a_request() -> None:
+    """Each worker takes whole requests: a request's language is detected once, from all of its pieces."""
+    requests = [_Request(1.0, options(10.0), {}) for _ in range(3)]
+    counts = (3, 1, 2)
+    pieces = [
+        _Piece(request, np.zeros(16), 1000)
+        for request, count in zip(requests, counts, strict=True)
+        for _ in range(count)
+    ]
+
+    def owners(shares: list[list[_Piece]]) -> list[list[int]]:
+        index = {id(request): number for number, request in enumerate(requests)}  # equal dataclasses: by identity
+        return [[index[id(piece.request)] for piece in share] for share in shares]
+
+    assert owners(shared_out(pieces, 2)) == [[0, 0, 0], [1, 2, 2]]
+    assert owners(shared_out(pieces, 4)) == [[0, 0, 0], [1], [2, 2]]
+    assert owners(shared_out(pieces, 1)) == [[0, 0, 0, 1, 2, 2]]
+    assert owners(shared_out(pieces[:3], 2)) == [[0, 0, 0]]
 
 
 @pytest.mark.parametrize(
