@@ -90,19 +90,10 @@ def _configure_logging(level: str) -> None:
         logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def _prefer_avx512() -> None:
-    """Before any model loads: CTranslate2 reads its CPU choice once."""
-    from .hardware import prefer_avx512  # noqa: PLC0415 - keeps `token` and `health` quick to start
-
-    if prefer_avx512(os.environ):
-        _LOGGER.info("AMD CPU with AVX-512: CTranslate2 is told to use it (CT2_FORCE_CPU_ISA=AVX512)")
-
-
 def _serve(_args: argparse.Namespace, settings: ResolvedSettings) -> int:
     from .identity import TokenError  # noqa: PLC0415
     from .server import serve  # noqa: PLC0415 - keeps `token` and `health` quick to start
 
-    _prefer_avx512()
     try:
         return asyncio.run(serve(settings))
     except TokenError as err:
@@ -119,7 +110,6 @@ def _transcribe(args: argparse.Namespace, settings: ResolvedSettings) -> int:
     from .hardware import usable_cpu_count  # noqa: PLC0415
     from .models import ModelCache, ModelError  # noqa: PLC0415
 
-    _prefer_avx512()
     cache = ModelCache(Path(settings["data_dir"]), limit_mb=settings["model_cache_limit_mb"])
     try:
         device = resolve_device(settings["device"])

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +12,6 @@ from .engine import Device
 _LOGGER = logging.getLogger(__name__)
 _MB = 1024 * 1024
 _CGROUP = Path("/sys/fs/cgroup")
-_CPUINFO = Path("/proc/cpuinfo")
-# What CTranslate2's AVX-512 code uses.
-_AVX512 = frozenset(("avx512f", "avx512bw", "avx512dq", "avx512vl"))
 
 
 @dataclass(frozen=True)
@@ -131,22 +126,6 @@ def _meminfo() -> dict[str, int]:
         if number.isdigit():
             values[key] = int(number) // 1024
     return values
-
-
-def prefer_avx512(environ: MutableMapping[str, str], cpuinfo: Path = _CPUINFO) -> bool:
-    """On an AMD CPU with AVX-512 (Zen 4 and later), have CTranslate2 use it; True when that was set.
-
-    CTranslate2 picks AVX2 on every AMD CPU. On a Zen 4 EPYC (base, int8, one thread, a command in the 10 s window)
-    AVX-512 encoded in 59-62 ms against 67-71 ms, interleaved. A CT2_FORCE_CPU_ISA the operator set is kept.
-    """
-    info = _read(cpuinfo) or ""
-    flags = re.search(r"^flags\s*:(.*)$", info, re.MULTILINE)
-    if "CT2_FORCE_CPU_ISA" in environ or "AuthenticAMD" not in info or flags is None:
-        return False
-    if not set(flags.group(1).split()) >= _AVX512:
-        return False
-    environ["CT2_FORCE_CPU_ISA"] = "AVX512"
-    return True
 
 
 def _read(path: Path) -> str | None:

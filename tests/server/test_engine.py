@@ -28,7 +28,6 @@ from whisper_gpu.engine import (
     shared_out,
     speech_pieces,
 )
-from whisper_gpu.hardware import prefer_avx512
 from whisper_gpu.inference import InferenceQueue, Urgency
 from whisper_gpu.models import ModelCache
 from whisper_normalizer.english import EnglishTextNormalizer
@@ -104,25 +103,6 @@ def test_a_batch_is_shared_out_over_the_workers_without_splitting_a_request() ->
     assert owners(shared_out(pieces, 4)) == [[0, 0, 0], [1], [2, 2]]
     assert owners(shared_out(pieces, 1)) == [[0, 0, 0, 1, 2, 2]]
     assert owners(shared_out(pieces[:3], 2)) == [[0, 0, 0]]
-
-
-@pytest.mark.parametrize(
-    ("vendor", "flags", "environ", "expected"),
-    [
-        ("AuthenticAMD", "fpu avx2 avx512f avx512dq avx512bw avx512vl avx512_vnni", {}, "AVX512"),
-        ("AuthenticAMD", "fpu avx2", {}, None),
-        ("GenuineIntel", "fpu avx2 avx512f avx512dq avx512bw avx512vl", {}, None),
-        ("AuthenticAMD", "fpu avx2 avx512f avx512dq avx512bw avx512vl", {"CT2_FORCE_CPU_ISA": "AVX2"}, "AVX2"),
-    ],
-)
-def test_ctranslate2_uses_avx512_on_an_amd_cpu_that_has_it(
-    tmp_path: Path, vendor: str, flags: str, environ: dict[str, str], expected: str | None
-) -> None:
-    """CTranslate2 picks AVX2 on every AMD CPU; on one with AVX-512 it is told otherwise, unless the operator chose."""
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: {flags}\n\n", encoding="utf-8")
-    prefer_avx512(environ, cpuinfo)
-    assert environ.get("CT2_FORCE_CPU_ISA") == expected
 
 
 def test_fitted_window_is_as_accurate_as_the_full_window(base: WhisperEngine, commands: list[Utterance]) -> None:
