@@ -1,11 +1,11 @@
 """One request followed while its audio arrives: where the command ends, and the text before it ends.
 
 When the speaker pauses, the audio so far is transcribed at once, below other clients' final transcripts in
-priority; if speech resumes that work is dropped, and when the pause turns out to be the end of the command its
-text is usually ready already. While the speaker talks, partial transcripts are made the same way, at most one
-at a time, and only while the audio arrives about as fast as it is spoken: audio sent from a buffer or a file is
-over before anyone could read partial text, which would only hold up the queue. Nothing here knows the Wyoming
-protocol: the handler decides what goes to the client.
+priority; if speech resumes that work is dropped, and when the pause turns out to be the end of the command its text
+is usually ready already. While the speaker talks, partial transcripts are made the same way, at most one at a time.
+Both happen only while the audio arrives about as fast as it is spoken: audio sent from a buffer or a file is over
+before anyone could read partial text or gain from a speculation, which would only hold up the queue. Nothing here
+knows the Wyoming protocol: the handler decides what goes to the client.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class LiveRequest:
             self._first_audio_at = time.monotonic()
         self._samples += len(audio)
         for event in self._endpointer.feed(audio) if self._endpointer else ():
-            if event is SpeechEvent.PAUSE:
+            if event is SpeechEvent.PAUSE and not self._faster_than_spoken():
                 self._speculate()
             elif event is SpeechEvent.SPEECH:
                 self._drop_speculation()
@@ -135,6 +135,10 @@ class LiveRequest:
         self._drop_partial()
         self._drop_speculation()
 
+    def _faster_than_spoken(self) -> bool:
+        """The audio came from a buffer or a file: its end, and the final transcript, follow at once."""
+        return self._samples / SAMPLE_RATE > _FASTER_THAN_SPOKEN * (time.monotonic() - self._first_audio_at)
+
     def _speculate(self) -> None:
         """The speaker paused: transcribe what they said so far, in case this is the end."""
         self._drop_speculation()
@@ -160,7 +164,7 @@ class LiveRequest:
             return
         if (self._samples - self._partial_at) / SAMPLE_RATE < interval:
             return
-        if self._samples / SAMPLE_RATE > _FASTER_THAN_SPOKEN * (time.monotonic() - self._first_audio_at):
+        if self._faster_than_spoken():
             return
         self._partial_at = self._samples
         mid_word = self._endpointer is None or self._endpointer.in_speech

@@ -77,11 +77,6 @@ async def wait_for_metric(
     return value
 
 
-def transcribed(server: ServerProcess) -> float:
-    """Requests the model has transcribed, partial and speculative ones included (whisper_gpu_batch_size_sum)."""
-    return metric(server, "whisper_gpu_batch_size_sum")
-
-
 def cpu_seconds(server: ServerProcess) -> float:
     """CPU time the server process has used (all threads): what a transcription costs, whoever waits for it."""
     assert server.process is not None
@@ -338,12 +333,12 @@ async def test_a_client_that_vanishes_mid_stream_costs_nothing(
     """
     server = start_server(args=["--compute-type", "int8", "--max-audio-s", "30"])
     speech = long_speech(commands, 32)
-    started, runs = cpu_seconds(server), transcribed(server)
+    started = cpu_seconds(server)
     assert heard(await transcribe(server.wyoming_port, speech))
-    one_request, runs_of_one = cpu_seconds(server) - started, transcribed(server) - runs
+    one_request = cpu_seconds(server) - started
     disconnected = metric(server, "whisper_gpu_requests_total", '{outcome="disconnected"}')
 
-    started, runs = cpu_seconds(server), transcribed(server)
+    started = cpu_seconds(server)
     stayer = asyncio.create_task(transcribe(server.wyoming_port, speech))
     await wait_for_metric(server, "whisper_gpu_requests_in_flight", lambda value: value >= 1)
     leavers = [AsyncTcpClient("127.0.0.1", server.wyoming_port) for _ in range(6)]
@@ -358,11 +353,9 @@ async def test_a_client_that_vanishes_mid_stream_costs_nothing(
     await wait_for_metric(server, "whisper_gpu_requests_queued", lambda value: value == 0)
     await wait_for_metric(server, "whisper_gpu_requests_in_flight", lambda value: value == 0)
     await asyncio.sleep(0.5)
-    spent, runs = cpu_seconds(server) - started, transcribed(server) - runs
+    spent = cpu_seconds(server) - started
 
     assert metric(server, "whisper_gpu_requests_total", '{outcome="disconnected"}') == disconnected + len(leavers)
-    # The stayer's own transcript, and perhaps a speculation more or less at one of its pauses: not six more.
-    assert runs <= runs_of_one + 1, f"{runs} requests transcribed for one that stayed ({runs_of_one} alone)"
     # The leavers' audio still went through the end-of-speech VAD as it came: 4.4x one request on a fresh machine,
     # where one request (sent at once, so without partial transcripts) cost 0.88 s. Six transcriptions more would
     # cost over 10x.
