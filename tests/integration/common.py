@@ -15,8 +15,17 @@ from aiohttp import web
 from helpers import api_fixtures
 from helpers.server import ServerProcess, free_port
 from homeassistant.components import stt
+from homeassistant.components.assist_pipeline import (
+    Pipeline,
+    PipelineEvent,
+    PipelineEventType,
+    PipelineStage,
+    async_pipeline_from_audio_stream,
+)
+from homeassistant.components.assist_pipeline.pipeline import async_create_default_pipeline
 from homeassistant.const import CONF_HOST, CONF_TOKEN
-from homeassistant.core import HomeAssistant
+from homeassistant.core import Context, HomeAssistant
+from homeassistant.setup import async_setup_component
 from homeassistant.util import dt as dt_util
 from pytest_homeassistant_custom_component.common import MockConfigEntry, async_fire_time_changed
 from wyoming.asr import Transcript, TranscriptStart
@@ -190,6 +199,38 @@ async def setup_integration(hass: HomeAssistant, entry: MockConfigEntry, **conne
         hass.config_entries.async_update_entry(entry, data={**entry.data, **connection})
     await hass.config_entries.async_setup(entry.entry_id)
     await hass.async_block_till_done()
+
+
+async def run_assist_pipeline(
+    hass: HomeAssistant,
+    entry: MockConfigEntry,
+    stt_entity_id: str,
+    stream: AsyncGenerator[bytes],
+    end_stage: PipelineStage,
+) -> tuple[Pipeline, dict[PipelineEventType, PipelineEvent]]:
+    """Set up Home Assistant's Assist pipeline with the entry's speech-to-text entity and run one command through it
+    up to `end_stage`; the pipeline, and its events by type, none of them an error.
+    """
+    for component in ("homeassistant", "conversation", "assist_pipeline"):
+        assert await async_setup_component(hass, component, {})
+    await setup_integration(hass, entry)
+    pipeline = await async_create_default_pipeline(
+        hass, stt_engine_id=stt_entity_id, tts_engine_id=None, pipeline_name="whisper-gpu"
+    )
+    assert pipeline is not None
+    events: list[PipelineEvent] = []
+    await async_pipeline_from_audio_stream(
+        hass,
+        context=Context(),
+        event_callback=events.append,
+        stt_metadata=metadata(),
+        stt_stream=stream,
+        pipeline_id=pipeline.id,
+        end_stage=end_stage,
+    )
+    by_type = {event.type: event for event in events}
+    assert PipelineEventType.ERROR not in by_type, by_type.get(PipelineEventType.ERROR)
+    return pipeline, by_type
 
 
 async def poll(hass: HomeAssistant) -> None:

@@ -20,16 +20,12 @@ import pytest
 import pytest_socket
 from homeassistant.components import stt
 from homeassistant.components.assist_pipeline import (
-    PipelineEvent,
     PipelineEventType,
     PipelineStage,
-    async_pipeline_from_audio_stream,
 )
-from homeassistant.components.assist_pipeline.pipeline import async_create_default_pipeline
-from homeassistant.core import Context, HomeAssistant
+from homeassistant.core import HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers import issue_registry as ir
-from homeassistant.setup import async_setup_component
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.whisper_gpu.const import DOMAIN
@@ -44,6 +40,7 @@ from .common import (
     free_port,
     metadata,
     poll,
+    run_assist_pipeline,
     setup_integration,
     words,
 )
@@ -267,14 +264,6 @@ async def test_an_assist_pipeline_goes_on_when_a_replica_dies_mid_request(
     """An Assist pipeline runs a command while the replica whose turn it is (the first) is killed mid-stream: the
     request is made again on the next ready replica with all the audio, and the pipeline ends with the text.
     """
-    assert await async_setup_component(hass, "homeassistant", {})
-    assert await async_setup_component(hass, "conversation", {})
-    assert await async_setup_component(hass, "assist_pipeline", {})
-    await setup_integration(hass, entry)
-    pipeline = await async_create_default_pipeline(
-        hass, stt_engine_id=STT_ENTITY_ID, tts_engine_id=None, pipeline_name="whisper-gpu"
-    )
-    assert pipeline is not None
     first = replicas[0]
     assert first.process is not None
 
@@ -286,19 +275,8 @@ async def test_an_assist_pipeline_goes_on_when_a_replica_dies_mid_request(
             yield chunk
             await asyncio.sleep(0.005)
 
-    events: list[PipelineEvent] = []
-    await async_pipeline_from_audio_stream(
-        hass,
-        context=Context(),
-        event_callback=events.append,
-        stt_metadata=metadata(),
-        stt_stream=stream(),
-        pipeline_id=pipeline.id,
-        end_stage=PipelineStage.STT,
-    )
+    _, by_type = await run_assist_pipeline(hass, entry, STT_ENTITY_ID, stream(), PipelineStage.STT)
 
-    by_type = {event.type: event for event in events}
-    assert PipelineEventType.ERROR not in by_type, by_type.get(PipelineEventType.ERROR)
     stt_end = by_type[PipelineEventType.STT_END]
     assert stt_end.data is not None
     assert words(stt_end.data["stt_output"]["text"]) == UTTERANCE, "retried on another replica"

@@ -7,20 +7,16 @@ from pathlib import Path
 from helpers.speech import Utterance, synthesize
 from homeassistant.components import stt
 from homeassistant.components.assist_pipeline import (
-    PipelineEvent,
     PipelineEventType,
     PipelineStage,
-    async_pipeline_from_audio_stream,
 )
-from homeassistant.components.assist_pipeline.pipeline import async_create_default_pipeline
-from homeassistant.core import Context, HomeAssistant
+from homeassistant.core import HomeAssistant
 from homeassistant.helpers.aiohttp_client import async_get_clientsession
-from homeassistant.setup import async_setup_component
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.whisper_gpu.api import WhisperGpuClient
 
-from .common import UTTERANCE, WhisperGpuServer, audio_stream, metadata, setup_integration, words
+from .common import UTTERANCE, WhisperGpuServer, audio_stream, metadata, run_assist_pipeline, setup_integration, words
 
 ENTITY_ID = "stt.whisper_gpu_speech_to_text"
 
@@ -89,32 +85,14 @@ async def test_assist_pipeline(
     hass: HomeAssistant, server: WhisperGpuServer, mock_config_entry: MockConfigEntry, speech_pcm: bytes
 ) -> None:
     """An Assist pipeline with this engine hears the command and hands it to the agent."""
-    assert await async_setup_component(hass, "homeassistant", {})
-    assert await async_setup_component(hass, "conversation", {})
-    assert await async_setup_component(hass, "assist_pipeline", {})
-    await setup_integration(hass, mock_config_entry)
-    pipeline = await async_create_default_pipeline(
-        hass, stt_engine_id=ENTITY_ID, tts_engine_id=None, pipeline_name="whisper-gpu"
-    )
-    assert pipeline is not None
-    assert pipeline.stt_engine == ENTITY_ID
-    assert pipeline.stt_language == "en"
-    events: list[PipelineEvent] = []
-
     # Silence after the command lets the pipeline's VAD find the end of speech.
     audio = speech_pcm + bytes(16000 * 2 * 2)
-    await async_pipeline_from_audio_stream(
-        hass,
-        context=Context(),
-        event_callback=events.append,
-        stt_metadata=metadata(),
-        stt_stream=audio_stream(audio),
-        pipeline_id=pipeline.id,
-        end_stage=PipelineStage.INTENT,
+    pipeline, by_type = await run_assist_pipeline(
+        hass, mock_config_entry, ENTITY_ID, audio_stream(audio), PipelineStage.INTENT
     )
 
-    by_type = {event.type: event for event in events}
-    assert PipelineEventType.ERROR not in by_type, by_type.get(PipelineEventType.ERROR)
+    assert pipeline.stt_engine == ENTITY_ID
+    assert pipeline.stt_language == "en"
     stt_end = by_type[PipelineEventType.STT_END]
     assert stt_end.data is not None
     assert words(stt_end.data["stt_output"]["text"]) == UTTERANCE
