@@ -106,8 +106,8 @@ def _serve(_args: argparse.Namespace, settings: ResolvedSettings) -> int:
 def _transcribe(args: argparse.Namespace, settings: ResolvedSettings) -> int:
     from faster_whisper import decode_audio  # noqa: PLC0415
 
-    from .engine import CpuThreads, DecodeOptions, WhisperEngine, resolve_compute_type, resolve_device  # noqa: PLC0415
-    from .hardware import usable_cpu_count  # noqa: PLC0415
+    from .engine import DecodeOptions, WhisperEngine, resolve_compute_type, resolve_device  # noqa: PLC0415
+    from .hardware import cpu_threads  # noqa: PLC0415
     from .models import ModelCache, ModelError  # noqa: PLC0415
 
     cache = ModelCache(Path(settings["data_dir"]), limit_mb=settings["model_cache_limit_mb"])
@@ -125,7 +125,7 @@ def _transcribe(args: argparse.Namespace, settings: ResolvedSettings) -> int:
         path=path,
         device=device,
         compute_type=compute_type,
-        cpu_threads=CpuThreads(settings["cpu_threads"] or usable_cpu_count(), settings["cpu_threads_per_worker"]),
+        cpu_threads=cpu_threads(settings.values),
     )
     language = None if settings["language"] == "auto" else settings["language"]
     options = DecodeOptions.from_settings(settings.values, language)

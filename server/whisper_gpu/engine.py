@@ -179,6 +179,16 @@ class _Request:
     speller: NameSpeller | None = None
     echo: PromptEcho | None = None
 
+    @property
+    def window_s(self) -> float:
+        """The encoder window the request asked for, at most Whisper's own."""
+        return min(self.options.window_s, FULL_WINDOW_S)
+
+    @property
+    def fitted_frames(self) -> int:
+        """That window in feature frames: its pieces start in it (one decoded again without names stays in it)."""
+        return round(self.window_s * _FRAMES_PER_SECOND)
+
     def result(self) -> TranscriptResult:
         text = " ".join(piece.text for piece in self.pieces if piece.text).strip()
         return TranscriptResult(
@@ -203,11 +213,6 @@ class _Piece:
     loops_in_full_window: bool = False
     redone: bool = False
     prompt: list[int] | None = None  # for the redo: the names closest to what the first decode heard
-
-    @property
-    def fitted_frames(self) -> int:
-        """The window the request asked for (a piece decoded again without names is still in it)."""
-        return round(min(self.request.options.window_s, FULL_WINDOW_S) * _FRAMES_PER_SECOND)
 
     @property
     def names_prompt(self) -> list[int]:
@@ -403,7 +408,7 @@ class WhisperEngine:
         self._require_model().model.load_model()
         options = DecodeOptions("en", 5, 0.0, 0, FULL_WINDOW_S, 0, window_s=window_s)
         request = _Request(1.0, options, dict.fromkeys(STAGES, 0.0))
-        frames = round(min(window_s, FULL_WINDOW_S) * _FRAMES_PER_SECOND)
+        frames = request.fitted_frames
         self._decode([_Piece(request, np.zeros(SAMPLE_RATE, dtype=np.float32), frames)], 5, frames)
 
     def close(self) -> None:
@@ -479,14 +484,13 @@ class WhisperEngine:
     def _prepare(self, audio: np.ndarray, options: DecodeOptions, *, vad: bool) -> _Request:
         """A request's speech as pieces that fit its encoder window."""
         started = time.perf_counter()
-        window_s = min(options.window_s, FULL_WINDOW_S)
         request = _Request(len(audio) / SAMPLE_RATE, options, dict.fromkeys(STAGES, 0.0))
         request.language = options.language if self.multilingual else "en"
         if options.names:
             request.prompt, request.speller, request.echo = self._name_plan(options.names)
+        window_s = request.window_s
         speech = speech_pieces(audio, options, window_s) if vad else [audio[: int(window_s * SAMPLE_RATE)]]
-        frames = round(window_s * _FRAMES_PER_SECOND)
-        request.pieces = [_Piece(request, piece, frames) for piece in speech]
+        request.pieces = [_Piece(request, piece, request.fitted_frames) for piece in speech]
         request.stages["vad"] = time.perf_counter() - started
         return request
 
@@ -555,7 +559,7 @@ class WhisperEngine:
                 piece.recheck_frames, piece.prompt = _FULL_FRAMES, []  # once more, without names
             elif looped:
                 piece.loops_in_full_window = True
-            elif frames == piece.fitted_frames < _FULL_FRAMES and logprob < _UNSURE_LOGPROB:
+            elif frames == piece.request.fitted_frames < _FULL_FRAMES and logprob < _UNSURE_LOGPROB:
                 piece.recheck_frames = min(frames * _UNSURE_WIDENING, _FULL_FRAMES)
         finished = time.perf_counter()
         return {"features": featured - started, "encoder": encoded_at - featured, "decoder": finished - encoded_at}

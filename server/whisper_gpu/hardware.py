@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .engine import Device
+from .engine import CpuThreads, Device
 
 _LOGGER = logging.getLogger(__name__)
 _MB = 1024 * 1024
@@ -20,6 +22,11 @@ class DeviceMemory:
 
     total_mb: int
     free_mb: int
+
+
+def cpu_threads(settings: Mapping[str, Any]) -> CpuThreads:
+    """The CPU threads the settings give inference (`cpu_threads`, 0 for every usable core) and how they are shared."""
+    return CpuThreads(settings["cpu_threads"] or usable_cpu_count(), settings["cpu_threads_per_worker"])
 
 
 def usable_cpu_count() -> int:

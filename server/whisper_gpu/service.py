@@ -21,7 +21,6 @@ from . import __version__
 from .boot_settings import ResolvedSettings
 from .endpoint import EndpointSettings
 from .engine import (
-    CpuThreads,
     DecodeOptions,
     Device,
     TranscriptResult,
@@ -30,7 +29,7 @@ from .engine import (
     supported_compute_types,
 )
 from .errors import RequestError
-from .hardware import describe_device, usable_cpu_count
+from .hardware import cpu_threads, describe_device
 from .identity import load_or_create_server_id, load_or_create_token
 from .inference import InferenceQueue, Urgency
 from .live import LiveSettings
@@ -114,7 +113,7 @@ class Service:
             self.metrics,
             LoadSettings(
                 offline=bool(boot["offline"]),
-                cpu_threads=CpuThreads(boot["cpu_threads"] or usable_cpu_count(), boot["cpu_threads_per_worker"]),
+                cpu_threads=cpu_threads(boot.values),
                 memory_limit_mb=boot["memory_limit_mb"],
             ),
             self.journal,
