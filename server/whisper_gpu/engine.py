@@ -25,11 +25,13 @@ import ctypes.util
 import itertools
 import logging
 import math
+import re
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,10 @@ _TOKEN_MARGIN = 16
 _COMPRESSION_RATIO_LIMIT = 2.4  # Whisper's own threshold for repetitive text
 _REPEATS = 2  # a phrase said this many times in a row, and
 _REPEATED_WORDS = 6  # covering at least this many words, is a loop rather than speech
+_WORDS = re.compile(r"[\w']+")
+# A phrase of this many words followed by one this alike (difflib's ratio over words) is a loop too.
+_NEAR_REPEAT_WORDS = (4, 12)
+_NEAR_REPEAT_SIMILARITY = 0.85
 _PIECES_PER_CALL = 16  # bounds the memory of one encoder call
 # A fitted window's decode less sure than this (mean log-probability per token) is checked in a wider window.
 _UNSURE_LOGPROB = -0.5
@@ -257,15 +263,35 @@ def shared_out(pieces: list[_Piece], count: int) -> list[list[_Piece]]:
 
 
 def looks_looped(tokens: Sequence[int], text: str, token_cap: int) -> bool:
-    """Whether a decode went round in circles: the token cap reached, a phrase repeated, or repetitive text."""
+    """Whether a decode went round in circles: the token cap reached, a phrase repeated (or nearly), repetitive text."""
     if len(tokens) >= token_cap or get_compression_ratio(text) > _COMPRESSION_RATIO_LIMIT:
         return True
-    words = text.lower().split()
+    words = _WORDS.findall(text.lower())
     for size in range(max(1, math.ceil(_REPEATED_WORDS / _REPEATS)), len(words) // _REPEATS + 1):
         for start in range(len(words) - size * _REPEATS + 1):
             phrase = words[start : start + size]
             if all(words[start + size * n : start + size * (n + 1)] == phrase for n in range(1, _REPEATS)):
                 return True
+    return _near_repeat(words)
+
+
+def _near_repeat(words: list[str]) -> bool:
+    """Whether a command-long phrase follows itself with a word more or less: a loop that is not word for word.
+
+    Base wrote "set a timer for 10 minutes set timer for 10 minutes" for one command in a short window. Two
+    commands alike ("turn on the kitchen light, turn on the kitchen fan") differ by more.
+    """
+    for size in range(_NEAR_REPEAT_WORDS[0], min(_NEAR_REPEAT_WORDS[1], (len(words) + 1) // 2) + 1):
+        for start in range(len(words) - 2 * size + 2):
+            phrase = words[start : start + size]
+            for length in (size - 1, size, size + 1):
+                follower = words[start + size : start + size + length]
+                if (
+                    len(follower) == length
+                    and (follower[0], follower[-1]) == (phrase[0], phrase[-1])
+                    and SequenceMatcher(None, phrase, follower).ratio() >= _NEAR_REPEAT_SIMILARITY
+                ):
+                    return True
     return False
 
 

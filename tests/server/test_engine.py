@@ -136,6 +136,10 @@ def test_loops_are_told_from_speech() -> None:
     assert looks_looped([1] * 30, "a perfectly ordinary sentence", 30)  # the token cap reached
     assert not looks_looped([1] * 8, "Turn off all the lights.", 30)
     assert not looks_looped([1] * 8, "no, no, no", 30)
+    # Repeated with a word dropped: base wrote this for one command in a 5 s window.
+    assert looks_looped([1] * 12, "Set a timer for 10 minutes. Set timer for 10 minutes.", 40)
+    assert not looks_looped([1] * 12, "Turn on the kitchen light, turn on the kitchen fan.", 40)
+    assert not looks_looped([1] * 12, "Turn on the living room lights and the living room lamp.", 40)
 
 
 def test_language_is_detected_from_the_encoder_output(base: WhisperEngine, speech_dir: Path) -> None:
