@@ -49,15 +49,19 @@ async def text_of(server: ServerProcess, pcm: bytes, names: list[str] | None) ->
 async def test_a_name_of_the_home_is_spelled_as_the_home_spells_it(
     whisper_server: ServerProcess, speech_dir: Path
 ) -> None:
-    """With the names the command comes back with the home's spelling; without them it does not.
+    """With the names each command comes back with the home's spelling; without them at least one does not.
 
     The silence after the command ends it on the server (endpointing), so the answer is the live path's: the
-    transcription started at the pause, with the request's names.
+    transcription started at the pause, with the request's names. (Which names tiny.en happens to spell right
+    unaided depends on the CPU's arithmetic: with AVX-512 it wrote "Kaia's" once without help.)
     """
+    misspelled_without = []
     for command, name in ((KAIA, "Kaia's"), (SIOBHAN, "Siobhán's")):
         pcm = speech(command, speech_dir)
         assert name in await text_of(whisper_server, pcm, HOME)
-        assert name not in await text_of(whisper_server, pcm, None)
+        if name not in await text_of(whisper_server, pcm, None):
+            misspelled_without.append(name)
+    assert misspelled_without, "tiny.en spelled every name right without the names: the test shows nothing"
 
 
 async def test_use_names_off_restores_the_old_behaviour(
@@ -68,7 +72,7 @@ async def test_use_names_off_restores_the_old_behaviour(
     pcm = speech(KAIA, speech_dir)
     without = await text_of(whisper_server, pcm, None)
     assert await text_of(server, pcm, HOME) == await text_of(server, pcm, None) == without
-    assert "Kaia's" not in without
+    assert await text_of(whisper_server, pcm, HOME) != without, "the names change nothing even where they are used"
 
 
 async def test_oversized_lists_are_trimmed_not_refused(whisper_server: ServerProcess, speech_dir: Path) -> None:
