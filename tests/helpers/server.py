@@ -173,6 +173,12 @@ class ServerProcess:
         """Everything the server wrote."""
         return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
 
+    def metric(self, name: str, labels: str = "") -> float | None:
+        """A sample's value on /metrics (labels as exported: '{outcome="ok"}'); None when it is not there."""
+        _, text = self.get("/metrics")
+        match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
+        return float(match.group(1)) if match else None
+
     def get(self, path: str) -> tuple[int, Any]:
         """GET from the control port: status and decoded JSON (or text); status 0 when nothing answers."""
         return self.request("GET", path)

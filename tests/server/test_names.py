@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import wave
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -96,9 +95,7 @@ async def send_raw_transcribe(port: int, data: dict[str, Any], pcm: bytes) -> Ev
 
 
 def invalid_names_count(server: ServerProcess) -> float:
-    _, text = server.get("/metrics")
-    match = re.search(r'^whisper_gpu_protocol_errors_total\{code="invalid_names"\} (\S+)$', text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    return server.metric("whisper_gpu_protocol_errors_total", '{code="invalid_names"}') or 0.0
 
 
 @pytest.mark.parametrize(

@@ -62,9 +62,8 @@ async def raw_exchange(port: int, data: bytes) -> list[Event]:
 
 
 def metric(server: ServerProcess, name: str, labels: str = "") -> float:
-    _, text = server.get("/metrics")
-    match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    value = server.metric(name, labels)
+    return 0.0 if value is None else value
 
 
 async def wait_for_metric(
