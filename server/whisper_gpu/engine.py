@@ -42,6 +42,7 @@ from faster_whisper.audio import pad_or_trim
 from faster_whisper.tokenizer import _LANGUAGE_CODES, Tokenizer
 from faster_whisper.transcribe import get_compression_ratio, get_ctranslate2_storage, get_suppressed_tokens
 from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
+from threadpoolctl import threadpool_limits
 
 from .names import NameSpeller, PromptEcho
 
@@ -95,7 +96,8 @@ class CpuThreads:
     on one call took 55 ms and 159 ms. Two one-thread workers did 8 commands in 544 ms against 822 ms.
 
     With more threads the default keeps two workers of half the threads each, so that a large model's encoder still
-    has several threads for a lone request (that machine had no more cores to measure it on).
+    has several threads for a lone request (that machine had no more cores to measure it on). A batch that is one
+    request encodes on all `total` threads, in a copy of the weights loaded for that (base: about 110 MB more).
     """
 
     total: int
@@ -362,6 +364,7 @@ class WhisperEngine:
 
     def __init__(self, *, name: str, path: Path, device: Device, compute_type: str, cpu_threads: CpuThreads) -> None:
         started = time.monotonic()
+        _keep_blas_to_one_thread()
         self.name = name
         self.device = device
         self.compute_type = compute_type
@@ -376,6 +379,15 @@ class WhisperEngine:
             num_workers=self.workers,
         )
         self._calls = ThreadPoolExecutor(self.workers, thread_name_prefix=f"decode-{name}")
+        # A batch that is one request leaves all but one worker idle: its encoder runs on every thread instead, in a
+        # second copy of the weights (CTranslate2 fixes a replica's threads when it loads).
+        self._wide_encoder: ctranslate2.models.Whisper | None = (
+            ctranslate2.models.Whisper(
+                str(path), device="cpu", compute_type=compute_type, intra_threads=cpu_threads.total, inter_threads=1
+            )
+            if on_cpu and self.workers > 1
+            else None
+        )
         self.multilingual = bool(self._model.model.is_multilingual)
         self.languages: list[str] = sorted(_LANGUAGE_CODES) if self.multilingual else ["en"]
         self._tokenizers: dict[str, Tokenizer] = {}
@@ -390,6 +402,8 @@ class WhisperEngine:
         for window in (window_s, FULL_WINDOW_S):
             options = DecodeOptions("en", 5, 0.0, 0, FULL_WINDOW_S, 0, window_s=window)
             self._transcribe([(tone, options)] * self.workers, vad=False)  # one piece for each worker
+            if self.workers > 1:
+                self._transcribe([(tone, options)], vad=False)  # alone: the encoder on every thread
 
     def transcribe_batch(
         self, batch: Sequence[tuple[np.ndarray, DecodeOptions]], on_result: ResultCallback | None = None
@@ -412,16 +426,16 @@ class WhisperEngine:
         On a GPU the weights can wait in host memory (`keep_in_host_memory`), which makes `restore` a copy; on a CPU,
         and otherwise, they are unloaded completely and `restore` reads them from disk again.
         """
-        model = self._require_model().model
         to_cpu = keep_in_host_memory and self.device.kind != "cpu"
         deadline = time.monotonic() + _UNLOAD_PATIENCE_S
-        model.unload_model(to_cpu=to_cpu)
-        while model.model_is_loaded:
-            if time.monotonic() > deadline:
-                msg = f"CTranslate2 kept {self.name} loaded: it is still in use"
-                raise RuntimeError(msg)
-            time.sleep(_UNLOAD_RETRY_S)
+        for model in self._replicas():
             model.unload_model(to_cpu=to_cpu)
+            while model.model_is_loaded:
+                if time.monotonic() > deadline:
+                    msg = f"CTranslate2 kept {self.name} loaded: it is still in use"
+                    raise RuntimeError(msg)
+                time.sleep(_UNLOAD_RETRY_S)
+                model.unload_model(to_cpu=to_cpu)
         if not to_cpu:
             _return_freed_memory()
         _LOGGER.info("Parked %s (%s)", self.name, "weights in host memory" if to_cpu else "unloaded")
@@ -431,19 +445,21 @@ class WhisperEngine:
 
         One short decode follows: the first call after a load sets up buffers, and it should not be a user's.
         """
-        self._require_model().model.load_model()
+        for model in self._replicas():
+            model.load_model()
         options = DecodeOptions("en", 5, 0.0, 0, FULL_WINDOW_S, 0, window_s=window_s)
         request = _Request(1.0, options, dict.fromkeys(STAGES, 0.0))
         frames = request.fitted_frames
-        self._decode([_Piece(request, np.zeros(SAMPLE_RATE, dtype=np.float32), frames)], 5, frames)
+        self._decode([_Piece(request, np.zeros(SAMPLE_RATE, dtype=np.float32), frames)], 5, frames, alone=True)
 
     def close(self) -> None:
         """Free the model's memory now (GPU memory too) rather than whenever the garbage collector runs."""
         if self._model is None:
             return
         self._calls.shutdown()
-        self._model.model.unload_model()
-        self._model = None
+        for model in self._replicas():
+            model.unload_model()
+        self._model = self._wide_encoder = None
         _LOGGER.info("Unloaded %s", self.name)
 
     def _transcribe(
@@ -486,7 +502,7 @@ class WhisperEngine:
             for share in shared_out(grouped, self.workers)
         ]
         if len(shares) == 1:
-            timings = [self._decode_share(*shares[0])]
+            timings = [self._decode_share(*shares[0], alone=True)]
         else:
             timings = list(self._calls.map(lambda share: self._decode_share(*share), shares))
         # A request whose pieces went to several shares waited for the longest of them (they ran side by side).
@@ -499,11 +515,14 @@ class WhisperEngine:
         for (request, name), seconds in spent.items():
             requests[request].stages[name] += seconds
 
-    def _decode_share(self, pieces: list[_Piece], beam_size: int, frames: int) -> dict[str, float]:
+    def _decode_share(
+        self, pieces: list[_Piece], beam_size: int, frames: int, *, alone: bool = False
+    ) -> dict[str, float]:
         """One worker's share, in calls of a bounded size one after the other; the seconds spent by stage."""
         spent: dict[str, float] = defaultdict(float)
         for first in range(0, len(pieces), _PIECES_PER_CALL):
-            for name, seconds in self._decode(pieces[first : first + _PIECES_PER_CALL], beam_size, frames).items():
+            chunk = pieces[first : first + _PIECES_PER_CALL]
+            for name, seconds in self._decode(chunk, beam_size, frames, alone=alone).items():
                 spent[name] += seconds
         return spent
 
@@ -544,7 +563,7 @@ class WhisperEngine:
             if piece.loops_in_full_window:
                 self._decode_with_temperatures(piece)
 
-    def _decode(self, pieces: list[_Piece], beam_size: int, frames: int) -> dict[str, float]:
+    def _decode(self, pieces: list[_Piece], beam_size: int, frames: int, *, alone: bool = False) -> dict[str, float]:
         """Encode the pieces in one call, detect languages from that output, and decode them in one call.
 
         Returns the seconds spent on features, encoder and decoder.
@@ -554,7 +573,8 @@ class WhisperEngine:
         extract = model.feature_extractor
         features = np.stack([pad_or_trim(extract(piece.audio)[..., :-1], frames) for piece in pieces])
         featured = time.perf_counter()
-        encoded = model.model.encode(get_ctranslate2_storage(features))
+        encoder = self._wide_encoder if alone and self._wide_encoder is not None else model.model
+        encoded = encoder.encode(get_ctranslate2_storage(features))
         encoded_at = time.perf_counter()
         self._detect_languages(encoded, pieces)
         prompts = []
@@ -644,6 +664,10 @@ class WhisperEngine:
             )
         return self._name_plans[names]
 
+    def _replicas(self) -> list[ctranslate2.models.Whisper]:
+        """The CTranslate2 models that hold weights: the workers' and the wide encoder's."""
+        return [self._require_model().model, *([self._wide_encoder] if self._wide_encoder else [])]
+
     def _tokenizer(self, language: str) -> Tokenizer:
         if language not in self._tokenizers:
             model = self._require_model()
@@ -660,6 +684,16 @@ class WhisperEngine:
             msg = f"model {self.name} was unloaded"
             raise RuntimeError(msg)
         return self._model
+
+
+def _keep_blas_to_one_thread() -> None:
+    """Run NumPy's BLAS (the feature extractor's matrix products) on the calling thread only.
+
+    OpenBLAS's threads keep spinning for a while after each product, and on a CPU they took the cores the model's
+    encoder ran on next: base's 10 s window took 130-150 ms after the features against 80-90 ms without them (2
+    cores, two-thread encoder). The products are small enough that one thread loses nothing.
+    """
+    threadpool_limits(1, user_api="blas")
 
 
 def _return_freed_memory() -> None:

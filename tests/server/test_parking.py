@@ -27,7 +27,8 @@ from wyoming.client import AsyncTcpClient
 normalize = EnglishTextNormalizer()
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TINY = ["--compute-type", "int8"]
-# tiny.en's int8 weights are about 40 MB; what an unload gives back is less than the whole process.
+# tiny.en's int8 weights are about 40 MB (loaded twice on two cores: the workers' copy and a lone request's
+# encoder's); what an unload gives back is less than the whole process.
 RSS_DROP_MB = 25
 KEEP_ALIVE_S = 1.0
 MAX_WORD_ERROR_RATE = 0.25
@@ -188,7 +189,8 @@ async def test_the_park_and_restore_actions_need_the_token_and_free_memory(
     status, body = await call(http, server, "POST", "/api/v1/model/park", headers=AUTH)
     assert status == 200
     assert parked(body)
-    assert loaded_mb - rss_mb(server) > RSS_DROP_MB
+    parked_mb = rss_mb(server)
+    assert loaded_mb - parked_mb > RSS_DROP_MB
     assert await metric(http, server, 'whisper_gpu_model_parks_total{trigger="control"}') == 1
     status, again = await call(http, server, "POST", "/api/v1/model/park", headers=AUTH)
     assert (status, again["state"]) == (200, "parked")
@@ -198,7 +200,8 @@ async def test_the_park_and_restore_actions_need_the_token_and_free_memory(
     assert status == 200
     assert resident(body)
     assert body["parking"]["last_restore"]["trigger"] == "control"
-    assert rss_mb(server) > loaded_mb - RSS_DROP_MB
+    # The weights are back; the buffers of a full-window decode come with the first request that needs them.
+    assert rss_mb(server) - parked_mb > RSS_DROP_MB
     status, again = await call(http, server, "POST", "/api/v1/model/restore", headers=AUTH)
     assert (status, again["state"]) == (200, "ready")
     assert await metric(http, server, 'whisper_gpu_model_restores_total{trigger="control"}') == 1
