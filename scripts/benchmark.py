@@ -257,7 +257,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="base", help="model both servers load (from the offline package)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for both")
-    parser.add_argument("--rounds", type=int, default=2, help="requests per client at each concurrency level")
+    parser.add_argument("--rounds", type=int, default=4, help="requests per client at each concurrency level")
     parser.add_argument("--quick", action="store_true", help="one voice only")
     parser.add_argument("--only", choices=("ours", "peer"), help="run one server (for development)")
     parser.add_argument("--peer-python", default="bench/.peer-venv/bin/python")

@@ -434,8 +434,9 @@ SETTINGS: Mapping[str, SettingSpec] = _spec_table(
         maximum=1024,
         description="CPU threads each worker uses; the CPU threads make that many fewer workers, which transcribe "
         "side by side; 0 gives two workers half the threads each (one thread each below four threads). 1 is "
-        "fastest for base and smaller (the decoder gains nothing from more threads); more shortens a lone "
-        "request's encoder on a large model",
+        "fastest for base and smaller (the decoder gains nothing from more threads). With two workers or more, a "
+        "lone request's encoder runs on every CPU thread in a second copy of the weights; as many as CPU_THREADS "
+        "(one worker) keeps one copy",
     ),
     SettingSpec(
         name="max_batch",
