@@ -9,6 +9,7 @@ words (Kitchen Light) is heard right, and matching it loosely would turn ordinar
 
 from __future__ import annotations
 
+import itertools
 import re
 import unicodedata
 from collections import defaultdict
@@ -102,19 +103,31 @@ class PromptEcho:
 
     Given names, Whisper sometimes writes unclear speech as names of its prompt: nothing but their words ("Järvinen
     Heater" for "turn on the fan"), or in the prompt's form, a list ("Shit, Thermostat, Kotatsu, 21 degrees." for
-    "set the thermostat to twenty one degrees"). A command rarely has a comma beside a name.
+    "set the thermostat to twenty one degrees"; "Dimper bedroom light, Oosterhout Light 50%" for "dim the bedroom
+    lights to fifty percent"). A command rarely has a comma beside a name, and more rarely between two.
     """
 
     def __init__(self, names: Iterable[str]) -> None:
-        self._words = frozenset(_word_key(word) for name in names for word in name.split())
+        self._names = frozenset(tuple(_word_key(word) for word in name.split()) for name in names)
+        self._words = frozenset(word for name in self._names for word in name)
+        self._longest = max(map(len, self._names), default=0)
 
     def __call__(self, text: str) -> bool:
         """Whether the text is made of nothing but words of the names, or lists some between commas."""
-        for clause in text.split(","):
-            keys = [key for key in map(_word_key, clause.split()) if key]
-            if keys and all(key in self._words for key in keys):
-                return True
-        return False
+        clauses = [[key for key in map(_word_key, clause.split()) if key] for clause in text.split(",")]
+        if any(keys and all(key in self._words for key in keys) for keys in clauses):
+            return True
+        return any(
+            self._has_name(before, at_end=True) and self._has_name(after, at_end=False)
+            for before, after in itertools.pairwise(clauses)
+        )
+
+    def _has_name(self, keys: list[str], *, at_end: bool) -> bool:
+        """Whether the words end (`at_end`) or start with a whole name."""
+        return any(
+            tuple(keys[-size:] if at_end else keys[:size]) in self._names
+            for size in range(1, min(self._longest, len(keys)) + 1)
+        )
 
 
 def _word_key(word: str) -> str:

@@ -215,8 +215,11 @@ def test_a_decode_that_repeats_the_prompt_is_told_from_one_that_uses_it() -> Non
     assert echo("Sauna, timer 410 minutes.")
     assert echo("Shit, Thermostat, Kotatsu, 21 degrees."), "a list of names, though it starts with another word"
     assert echo("Dimper bedroom Light, Oosterhout Light, 50%")
+    assert echo("Dimper bedroom light, Oosterhout Light 50%"), "two names side by side, only a comma between them"
     assert echo("Grzegorz Light."), "words of the names, one of them without its possessive"
     assert not echo("Turn off the Järvinen Heater.")
     assert not echo("Turn on the lights in Kaia's Room, please.")
     assert not echo("Set the Thermostat to 21 degrees."), "a name used in a command"
+    assert not echo("And Järvinen Heater, 20 degrees."), "a comma after a name, but no name after it"
+    assert not echo("Set the Living Room Light, W."), "the words before the comma end in no name of the home"
     assert not echo("")
