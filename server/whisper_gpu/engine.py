@@ -326,6 +326,16 @@ def is_unusual(name: str, encode: Callable[[str], list[int]]) -> bool:
     return any(len(encode(" " + word)) > 1 for word in name.lower().replace("'s", "").split())
 
 
+def weight_copies(device: Device, cpu_threads: CpuThreads) -> int:
+    """How many copies of a model's weights the engine loads on the device.
+
+    On a CPU with two workers or more, a batch that is one request would leave all but one worker idle: its encoder
+    runs on every thread instead, in a second copy of the weights (CTranslate2 fixes a replica's threads when it
+    loads).
+    """
+    return 2 if device.kind == "cpu" and cpu_threads.workers > 1 else 1
+
+
 def resolve_device(setting: str) -> Device:
     """Turn `auto`, `cpu`, `cuda` or `cuda:N` into a device this machine has."""
     gpus = ctranslate2.get_cuda_device_count()
@@ -379,13 +389,12 @@ class WhisperEngine:
             num_workers=self.workers,
         )
         self._calls = ThreadPoolExecutor(self.workers, thread_name_prefix=f"decode-{name}")
-        # A batch that is one request leaves all but one worker idle: its encoder runs on every thread instead, in a
-        # second copy of the weights (CTranslate2 fixes a replica's threads when it loads).
+        self.weight_copies = weight_copies(device, cpu_threads)
         self._wide_encoder: ctranslate2.models.Whisper | None = (
             ctranslate2.models.Whisper(
                 str(path), device="cpu", compute_type=compute_type, intra_threads=cpu_threads.total, inter_threads=1
             )
-            if on_cpu and self.workers > 1
+            if self.weight_copies > 1
             else None
         )
         self.multilingual = bool(self._model.model.is_multilingual)

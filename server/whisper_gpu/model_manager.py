@@ -26,6 +26,7 @@ from .engine import (
     WhisperEngine,
     resolve_compute_type,
     resolve_device,
+    weight_copies,
 )
 from .errors import RequestError
 from .files import write_atomically
@@ -254,10 +255,16 @@ class ModelManager:
 
     def memory_shortfall_mb(self, plan: LoadPlan) -> int:
         """How many MB are missing to load the plan beside the serving model (0 when it fits)."""
-        needed = approximate_memory_mb(plan.model, plan.compute_type, self._cache.cached_path(plan.model))
+        path = self._cache.cached_path(plan.model)
+        copies = weight_copies(plan.device, self._load_settings.cpu_threads)
+        needed = approximate_memory_mb(plan.model, plan.compute_type, path, copies=copies)
         if self._load_settings.memory_limit_mb:
             serving = self.engine
-            in_use = approximate_memory_mb(serving.name, serving.compute_type) if serving else 0
+            in_use = (
+                approximate_memory_mb(serving.name, serving.compute_type, copies=serving.weight_copies)
+                if serving
+                else 0
+            )
             available = self._load_settings.memory_limit_mb - in_use
         else:
             available = device_memory(plan.device).free_mb

@@ -179,8 +179,11 @@ def looks_like_model_reference(value: str) -> bool:
     return is_hub_id(value)
 
 
-def approximate_memory_mb(name: str, compute_type: str, model_dir: Path | None = None) -> int:
-    """Rough resident size of a model with a compute type, for the memory check before a switch."""
+def approximate_memory_mb(name: str, compute_type: str, model_dir: Path | None = None, *, copies: int = 1) -> int:
+    """Rough resident size of a model with a compute type, for the memory check before a switch.
+
+    `copies`: of the weights, as the engine loads them on the device (engine.weight_copies).
+    """
     known = KNOWN_MODELS.get(name)
     if known is not None:
         parameters_m = float(known.parameters_m)
@@ -190,7 +193,7 @@ def approximate_memory_mb(name: str, compute_type: str, model_dir: Path | None =
     else:
         parameters_m = 1550.0  # unknown hub model: plan for the largest
     bytes_per_parameter = _BYTES_PER_PARAMETER.get(compute_type, 1.0 if compute_type.startswith("int8") else 2.0)
-    return int(parameters_m * bytes_per_parameter * 1.15) + _RUNTIME_OVERHEAD_MB
+    return int(parameters_m * bytes_per_parameter * 1.15 * copies) + _RUNTIME_OVERHEAD_MB
 
 
 class ModelCache:

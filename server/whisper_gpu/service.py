@@ -27,6 +27,7 @@ from .engine import (
     UnsupportedOnDeviceError,
     resolve_device,
     supported_compute_types,
+    weight_copies,
 )
 from .errors import RequestError
 from .hardware import cpu_threads, describe_device
@@ -514,13 +515,14 @@ class Service:
         device = engine.device if engine else self._configured_device()
         described = describe_device(device)
         compute_type = engine.compute_type if engine else "int8"
+        copies = weight_copies(device, cpu_threads(self.boot.values))
         budget = self.boot["memory_limit_mb"] or int(str(described["memory_total_mb"]))
         cached = set(self.cache.cached_names())
         names = [*KNOWN_MODELS, *sorted(cached - set(KNOWN_MODELS))]
         models = []
         for name in names:
             known = KNOWN_MODELS.get(name)
-            memory_mb = approximate_memory_mb(name, compute_type, self.cache.cached_path(name))
+            memory_mb = approximate_memory_mb(name, compute_type, self.cache.cached_path(name), copies=copies)
             packaged = bool(known and known.offline and known.offline.installed())
             obtainable = name in cached or packaged or not self.boot["offline"]
             models.append(
@@ -541,7 +543,7 @@ class Service:
                     "english_only": not engine.multilingual,
                     "cached": True,
                     "loaded": True,
-                    "memory_mb": approximate_memory_mb(engine.name, compute_type),
+                    "memory_mb": approximate_memory_mb(engine.name, compute_type, copies=engine.weight_copies),
                     "usable": True,
                     "offline_package": False,
                 }

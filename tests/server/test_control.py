@@ -366,10 +366,28 @@ async def test_a_failed_switch_keeps_the_old_model_serving_and_says_so(
     assert (switched["error"], switched["last_failure"]) == (None, None)
 
 
+async def test_the_memory_estimate_counts_the_second_copy_of_the_weights(
+    start_server: Callable[..., ServerProcess], http: aiohttp.ClientSession
+) -> None:
+    """Two CPU workers load a model twice (a lone request's encoder runs on every thread): with 250 MB, base int8
+    fits once (about 205 MB) but not twice (about 290 MB), so only the one-worker server offers it."""
+    usable = {}
+    for per_worker in ("1", "2"):
+        server = start_server(args=["--cpu-threads", "2", "--cpu-threads-per-worker", per_worker,
+                                    "--memory-limit-mb", "250"])  # fmt: skip
+        _, info = await get(http, server, "/api/v1/info")
+        usable[per_worker] = {model["name"]: model["usable"] for model in info["models"]}
+        server.stop()
+    assert usable["2"]["base"]
+    assert not usable["1"]["base"]
+    assert usable["1"]["tiny.en"]
+
+
 async def test_memory_check_refuses_a_switch_that_would_not_fit(
     start_server: Callable[..., ServerProcess], http: aiohttp.ClientSession, kitchen: Utterance
 ) -> None:
-    # 300 MB: base int8 (about 205 MB) serves; tiny.en (about 165 MB) does not fit beside it.
+    # 300 MB: base int8 (about 205 MB, 290 MB with a second copy of the weights on two CPU workers) serves; tiny.en
+    # (about 165 MB, 210 MB) does not fit beside it.
     server = start_server(model="base", args=["--compute-type", "int8", "--memory-limit-mb", "300"])
     _, info = await get(http, server, "/api/v1/info")
     usable = {model["name"]: model["usable"] for model in info["models"]}
