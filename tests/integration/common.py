@@ -77,8 +77,9 @@ FIXTURE_ENTRY_DATA = {
 # The form's switch for the language setting's `auto`: not a setting of its own.
 DETECT_LANGUAGE = "detect_language"
 OPTION_NAMES = tuple(name for name in FORM_FIELDS if name not in LOCAL_OPTIONS and name != DETECT_LANGUAGE)
-# Beside ServerProcess's defaults (loopback, offline, no zeroconf, the model): the fast compute type.
-SERVER_ARGS = ("--compute-type", "int8")
+# Beside ServerProcess's defaults (loopback, offline, no zeroconf, the model): the fast compute type, and two CPU
+# threads whatever the host has (the fixtures' memory estimates depend on them).
+SERVER_ARGS = ("--compute-type", "int8", "--cpu-threads", "2")
 
 
 @dataclass
