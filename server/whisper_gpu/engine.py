@@ -411,7 +411,7 @@ class WhisperEngine:
         for window in (window_s, FULL_WINDOW_S):
             options = DecodeOptions("en", 5, 0.0, 0, FULL_WINDOW_S, 0, window_s=window)
             self._transcribe([(tone, options)] * self.workers, vad=False)  # one piece for each worker
-            if self.workers > 1:
+            if self._wide_encoder is not None:
                 self._transcribe([(tone, options)], vad=False)  # alone: the encoder on every thread
 
     def transcribe_batch(

@@ -253,11 +253,14 @@ class ModelManager:
         compute_type, note = resolve_compute_type(compute_setting, device)
         return LoadPlan(model, device, compute_type), note
 
+    def weight_copies(self, device: Device) -> int:
+        """Copies of its weights a model loaded on the device has (see engine.weight_copies)."""
+        return weight_copies(device, self._load_settings.cpu_threads)
+
     def memory_shortfall_mb(self, plan: LoadPlan) -> int:
         """How many MB are missing to load the plan beside the serving model (0 when it fits)."""
         path = self._cache.cached_path(plan.model)
-        copies = weight_copies(plan.device, self._load_settings.cpu_threads)
-        needed = approximate_memory_mb(plan.model, plan.compute_type, path, copies=copies)
+        needed = approximate_memory_mb(plan.model, plan.compute_type, path, copies=self.weight_copies(plan.device))
         if self._load_settings.memory_limit_mb:
             serving = self.engine
             in_use = (

@@ -27,7 +27,6 @@ from .engine import (
     UnsupportedOnDeviceError,
     resolve_device,
     supported_compute_types,
-    weight_copies,
 )
 from .errors import RequestError
 from .hardware import cpu_threads, describe_device
@@ -515,7 +514,7 @@ class Service:
         device = engine.device if engine else self._configured_device()
         described = describe_device(device)
         compute_type = engine.compute_type if engine else "int8"
-        copies = weight_copies(device, cpu_threads(self.boot.values))
+        copies = self.models.weight_copies(device)
         budget = self.boot["memory_limit_mb"] or int(str(described["memory_total_mb"]))
         cached = set(self.cache.cached_names())
         names = [*KNOWN_MODELS, *sorted(cached - set(KNOWN_MODELS))]

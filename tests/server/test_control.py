@@ -372,15 +372,15 @@ async def test_the_memory_estimate_counts_the_second_copy_of_the_weights(
     """Two CPU workers load a model twice (a lone request's encoder runs on every thread): with 250 MB, base int8
     fits once (about 205 MB) but not twice (about 290 MB), so only the one-worker server offers it."""
     usable = {}
-    for per_worker in ("1", "2"):
+    for workers, per_worker in ((1, "2"), (2, "1")):
         server = start_server(args=["--cpu-threads", "2", "--cpu-threads-per-worker", per_worker,
                                     "--memory-limit-mb", "250"])  # fmt: skip
         _, info = await get(http, server, "/api/v1/info")
-        usable[per_worker] = {model["name"]: model["usable"] for model in info["models"]}
+        usable[workers] = {model["name"]: model["usable"] for model in info["models"]}
         server.stop()
-    assert usable["2"]["base"]
-    assert not usable["1"]["base"]
-    assert usable["1"]["tiny.en"]
+    assert usable[1]["base"]
+    assert not usable[2]["base"]
+    assert usable[2]["tiny.en"]
 
 
 async def test_memory_check_refuses_a_switch_that_would_not_fit(
