@@ -2,11 +2,12 @@
 
 Both servers get the same utterances over Wyoming. Prints a table and writes JSON and a PNG plot: latency from
 `audio-stop` to `transcript` (p50/p95) for one client and for 4, 8 and 16 at once, throughput, the first request
-after start, real-time factor, peak resident memory, word error rate after Whisper's English normalisation, and for
-whisper-gpu where a request's time goes (from its `whisper_gpu_stage_seconds` metric).
+after start, real-time factor, peak resident memory, word error rate after Whisper's English normalisation (for
+each set of utterances), and for whisper-gpu where a request's time goes (from its `whisper_gpu_stage_seconds`
+metric).
 
-Utterances: Home Assistant commands spoken by espeak-ng in three voices. No recorded speech with a permissive
-licence could be installed on the offline development machine, so the set is synthetic; label figures so.
+Utterances: Home Assistant commands spoken by espeak-ng in three voices, and 47 clips of recorded English speech
+(tests/data/recorded, sources and licences in its SOURCES.md). Latency figures are over both sets together.
 Run it through `bench/run`, which prepares the peer's own virtual environment.
 """
 
@@ -32,10 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import jiwer
 from helpers.server import ServerProcess, free_port, timed_transcript
-from helpers.speech import COMMANDS, Utterance, synthesize
+from helpers.speech import COMMANDS, Utterance, recorded_set, synthesize
 from whisper_normalizer.english import EnglishTextNormalizer
 
 VOICES = ("en-us+f2", "en-gb+m3", "en-us+m7")
+SYNTHETIC, RECORDED = "espeak-ng", "recorded"
 CONCURRENCY = (4, 8, 16)
 normalize = EnglishTextNormalizer()
 
@@ -45,7 +47,8 @@ class Clip:
     """One utterance as raw 16 kHz mono PCM."""
 
     text: str
-    voice: str
+    kind: str
+    """SYNTHETIC or RECORDED: word error rates are given for each."""
     pcm: bytes
 
     @property
@@ -64,7 +67,7 @@ class Figures:
     texts: list[str] = field(default_factory=list)
     concurrent: dict[int, dict[str, float]] = field(default_factory=dict)
     rtf: float = 0.0
-    wer: float = 0.0
+    wer: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
     stages_ms: dict[str, float] = field(default_factory=dict)
 
@@ -76,7 +79,7 @@ class Figures:
             "warm_p95_ms": round(_pct(self.single, 95)),
             "concurrent": self.concurrent,
             "real_time_factor": round(self.rtf, 3),
-            "word_error_rate": round(self.wer, 4),
+            "word_error_rate": {kind: round(rate, 4) for kind, rate in self.wer.items()},
             "peak_rss_mb": round(self.peak_rss_mb),
             "stages_ms": self.stages_ms,
             "texts": self.texts,
@@ -101,7 +104,10 @@ async def drive(
         figures.single.append(latency)
     after_single()
     figures.rtf = statistics.median(lat / 1000 / clip.seconds for lat, clip in zip(figures.single, clips, strict=True))
-    figures.wer = jiwer.wer([normalize(c.text) for c in clips], [normalize(t) or "-" for t in figures.texts])
+    for kind in (SYNTHETIC, RECORDED):
+        pairs = [(c.text, t) for c, t in zip(clips, figures.texts, strict=True) if c.kind == kind]
+        if pairs:
+            figures.wer[kind] = jiwer.wer([normalize(ref) for ref, _ in pairs], [normalize(t) or "-" for _, t in pairs])
     for clients in CONCURRENCY:
         latencies: list[float] = []
 
@@ -212,7 +218,8 @@ def table(ours: Figures, peer: Figures) -> str:
         row(f"{clients} clients throughput (req/s)", a["requests_per_s"], b["requests_per_s"])
     row("real-time factor (p50)", round(ours.rtf, 3), round(peer.rtf, 3))
     row("peak resident memory (MB)", round(ours.peak_rss_mb), round(peer.peak_rss_mb))
-    row("word error rate", round(ours.wer, 4), round(peer.wer, 4))
+    for kind in (k for k in (SYNTHETIC, RECORDED) if k in ours.wer or k in peer.wer):
+        row(f"word error rate, {kind}", round(ours.wer.get(kind, 0), 4), round(peer.wer.get(kind, 0), 4))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)) for r in rows]
     stages = ", ".join(f"{stage} {ms:g} ms" for stage, ms in ours.stages_ms.items())
@@ -243,14 +250,14 @@ def plot(ours: Figures, peer: Figures, path: Path) -> None:
 
 
 def make_clips(directory: Path, quick: bool) -> list[Clip]:
-    voices = VOICES[:1] if quick else VOICES
-    clips = []
-    for voice in voices:
-        for text, _ in COMMANDS:
-            utterance = Utterance(text, synthesize(text, directory, voice=voice), clear=False)
-            pcm, _, _, _ = utterance.pcm()
-            clips.append(Clip(text, voice, pcm))
-    return clips
+    """The commands in each voice, then the recorded clips (all of them, --quick or not)."""
+    utterances = [
+        (SYNTHETIC, Utterance(text, synthesize(text, directory, voice=voice), clear=False))
+        for voice in (VOICES[:1] if quick else VOICES)
+        for text, _ in COMMANDS
+    ]
+    utterances += [(RECORDED, utterance) for utterance in recorded_set(directory / "recorded")]
+    return [Clip(utterance.text, kind, utterance.pcm()[0]) for kind, utterance in utterances]
 
 
 async def main() -> None:
@@ -282,7 +289,9 @@ async def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     result = {
-        "utterances": "espeak-ng commands, voices " + ", ".join(VOICES[:1] if args.quick else VOICES),
+        "utterances": "espeak-ng commands, voices "
+        + ", ".join(VOICES[:1] if args.quick else VOICES)
+        + "; recorded speech, tests/data/recorded",
         "model": args.model,
         "threads": args.threads,
         "cpu_count": os.cpu_count(),

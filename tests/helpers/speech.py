@@ -1,4 +1,4 @@
-"""Real speech for tests: Home Assistant commands spoken by espeak-ng and converted by sox."""
+"""Real speech for tests: Home Assistant commands spoken by espeak-ng and converted by sox, and recorded speech."""
 
 from __future__ import annotations
 
@@ -115,3 +115,27 @@ def raw_pcm(path: Path, *, rate: int, channels: int, width: int) -> bytes:
 def command_set(directory: Path) -> list[Utterance]:
     """Every command as 16 kHz mono 16-bit speech."""
     return [Utterance(text, synthesize(text, directory), clear) for text, clear in COMMANDS]
+
+
+RECORDED = Path(__file__).resolve().parent.parent / "data" / "recorded"
+"""Recorded English speech with known transcripts; sources and licences in its SOURCES.md."""
+
+
+def recorded_set(directory: Path) -> list[Utterance]:
+    """Every recorded clip as a 16 kHz mono 16-bit WAV (sox decodes the FLAC)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    utterances = []
+    for line in (RECORDED / "transcripts.tsv").read_text(encoding="utf-8").splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, text, _source = line.split("\t")
+        target = directory / f"{Path(name).stem}.wav"
+        if not target.is_file():
+            require_tools()
+            subprocess.run(
+                ["sox", str(RECORDED / name), "-r", "16000", "-c", "1", "-b", "16", str(target)],
+                check=True,
+                capture_output=True,
+            )
+        utterances.append(Utterance(text, target, clear=False))
+    return utterances
