@@ -100,8 +100,12 @@ class Endpointer:
         """At least the minimum speech duration was heard."""
         return self.speech_seconds >= self._settings.min_speech_s
 
-    def feed(self, audio: np.ndarray) -> list[SpeechEvent]:
-        """Take the next piece of audio; the events it caused, in order. Nothing is reported after END."""
+    def feed(self, audio: np.ndarray, *, may_end: bool = True) -> list[SpeechEvent]:
+        """Take the next piece of audio; the events it caused, in order. Nothing is reported after END.
+
+        With `may_end` False, silence of the end-of-command length is only a pause: the audio is not live (it came
+        from a buffer or a file), its sender has the rest of it at hand, and ending at a pause would drop what follows.
+        """
         if self.ended:
             return []
         samples = np.concatenate((self._carry, audio.astype(np.float32, copy=False)))
@@ -112,14 +116,14 @@ class Endpointer:
         events: list[SpeechEvent] = []
         for probability in self._vad(samples[:whole].reshape(-1, FRAME_SAMPLES)):
             self.samples += FRAME_SAMPLES
-            event = self._step(float(probability))
+            event = self._step(float(probability), may_end=may_end)
             if event is not None:
                 events.append(event)
                 if event is SpeechEvent.END:
                     break
         return events
 
-    def _step(self, probability: float) -> SpeechEvent | None:
+    def _step(self, probability: float, *, may_end: bool) -> SpeechEvent | None:
         threshold = self._settings.threshold
         if probability >= threshold or (self._in_speech and probability >= threshold - _HYSTERESIS):
             self._speech_frames += 1
@@ -136,7 +140,7 @@ class Endpointer:
         if not self.heard_speech:
             return None
         silent_s = self._silent_frames * FRAME_SECONDS
-        if silent_s >= self._settings.end_silence_s:
+        if may_end and silent_s >= self._settings.end_silence_s:
             self.ended = True
             return SpeechEvent.END
         if not self._paused and silent_s >= min(self._settings.pause_s, self._settings.end_silence_s / 2):

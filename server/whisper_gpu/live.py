@@ -3,9 +3,10 @@
 When the speaker pauses, the audio so far is transcribed at once, below other clients' final transcripts in
 priority; if speech resumes that work is dropped, and when the pause turns out to be the end of the command its text
 is usually ready already. While the speaker talks, partial transcripts are made the same way, at most one at a time.
-Both happen only while the audio arrives about as fast as it is spoken: audio sent from a buffer or a file is over
-before anyone could read partial text or gain from a speculation, which would only hold up the queue. Nothing here
-knows the Wyoming protocol: the handler decides what goes to the client.
+All of it happens only while the audio arrives about as fast as it is spoken: audio sent from a buffer or a file is
+over before anyone could read partial text or gain from a speculation, which would only hold up the queue, and its
+pauses do not end the command (its sender has the rest at hand: ending there would drop words that were said).
+Nothing here knows the Wyoming protocol: the handler decides what goes to the client.
 """
 
 from __future__ import annotations
@@ -104,8 +105,9 @@ class LiveRequest:
         if not self._samples:
             self._first_audio_at = time.monotonic()
         self._samples += len(audio)
-        for event in self._endpointer.feed(audio) if self._endpointer else ():
-            if event is SpeechEvent.PAUSE and not self._faster_than_spoken():
+        live = not self._faster_than_spoken()
+        for event in self._endpointer.feed(audio, may_end=live) if self._endpointer else ():
+            if event is SpeechEvent.PAUSE and live:
                 self._speculate()
             elif event is SpeechEvent.SPEECH:
                 self._drop_speculation()

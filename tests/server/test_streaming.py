@@ -180,6 +180,28 @@ async def test_audio_sent_much_faster_than_spoken_gets_no_partial_transcription(
     assert model_runs(streaming_server) == runs_before + 1, "one run of the model: the transcript's"
 
 
+async def test_a_pause_in_audio_sent_much_faster_than_spoken_does_not_cut_it(
+    streaming_server: ServerProcess, speech_dir: Path
+) -> None:
+    """A file or a buffer sent at once: its pauses are no end of command (the rest was sent already), and the
+    transcript holds the words after a pause far longer than the end-of-command silence."""
+    speech = np.concatenate(
+        (
+            spoken("turn off the living room lights", speech_dir),
+            silence(1.5),
+            spoken("and open the garage door", speech_dir),
+        )
+    )
+
+    exchange = await stream_in_real_time(streaming_server.wyoming_port, speech, speed=20)
+
+    text = normalize(exchange.transcript[1])
+    assert text.startswith("turn off the living room"), text
+    assert text.endswith("open the garage door"), f"the audio was cut at its pause: {text!r}"
+    assert exchange.stop_sent_at is not None
+    assert exchange.transcript[0] > exchange.stop_sent_at, "the server answered before the sender was done"
+
+
 def model_runs(server: ServerProcess) -> float:
     """Batches the model has run (whisper_gpu_batch_size_count): transcripts, partial and speculative ones."""
     runs = server.metric("whisper_gpu_batch_size_count")
