@@ -79,6 +79,7 @@ class Endpointer:
         self._silent_frames = 0
         self._in_speech = False
         self._paused = False
+        self._held_end_s = 0.0
         self.ended = False
         self.samples = 0
         """Samples heard so far (whole frames only)."""
@@ -96,9 +97,26 @@ class Endpointer:
         return self._speech_frames * FRAME_SECONDS
 
     @property
+    def end_silence_s(self) -> float:
+        """Silence that ends the command now (longer while the speaker seems to be mid-sentence)."""
+        return max(self._settings.end_silence_s, self._held_end_s)
+
+    @property
+    def silence_s(self) -> float:
+        """Silence since the last speech frame."""
+        return self._silent_frames * FRAME_SECONDS
+
+    @property
     def heard_speech(self) -> bool:
         """At least the minimum speech duration was heard."""
         return self.speech_seconds >= self._settings.min_speech_s
+
+    def hold_end(self, silence_s: float) -> None:
+        """End the command at this pause only after `silence_s` of silence: the speaker seems to be mid-sentence.
+
+        Speech that resumes lets go of it.
+        """
+        self._held_end_s = silence_s
 
     def feed(self, audio: np.ndarray, *, may_end: bool = True) -> list[SpeechEvent]:
         """Take the next piece of audio; the events it caused, in order. Nothing is reported after END.
@@ -131,6 +149,7 @@ class Endpointer:
             self.speech_end = self.samples
             resumed = not self._in_speech
             self._in_speech = True
+            self._held_end_s = 0.0
             if resumed and (self._paused or self._speech_frames == 1):
                 self._paused = False
                 return SpeechEvent.SPEECH
@@ -140,7 +159,7 @@ class Endpointer:
         if not self.heard_speech:
             return None
         silent_s = self._silent_frames * FRAME_SECONDS
-        if may_end and silent_s >= self._settings.end_silence_s:
+        if may_end and silent_s >= self.end_silence_s:
             self.ended = True
             return SpeechEvent.END
         if not self._paused and silent_s >= min(self._settings.pause_s, self._settings.end_silence_s / 2):

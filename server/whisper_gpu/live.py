@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import numpy as np
 
 from .endpoint import SAMPLE_RATE, Endpointer, EndpointSettings, SpeechEvent
 from .engine import TranscriptResult
+from .errors import RequestError
 from .inference import Urgency
 
 _LOGGER = logging.getLogger(__name__)
@@ -30,6 +32,18 @@ _MIN_PARTIAL_SPEECH_S = 2.0
 # Audio that came more than this many times faster than it is spoken comes from a buffer or a file. A satellite that
 # sends the second it buffered before the wake word at once, then streams, stays below it.
 _FASTER_THAN_SPOKEN = 2.0
+# Silence that ends a command whose text so far stops mid-sentence ("turn on the...", "set the heating to, uh").
+HESITATION_END_S = 1.5
+# Whisper marks a thought left open with a trailing ellipsis, comma or dash, in any language.
+_OPEN_ENDING = re.compile("(\\.\\.\\.|\u2026|,|-|\u2013|\u2014)\\s*$")  # three dots, ellipsis, comma, dashes
+# English words a command does not end on: articles, prepositions, conjunctions, possessives and fillers. Not the
+# particles of phrasal verbs ("turn the light on", "turn it off", "turn it up").
+_UNFINISHED_ENGLISH = frozenset(
+    (
+        *("the", "a", "an", "to", "of", "at", "for", "with", "from", "into", "by", "and", "or", "but"),
+        *("my", "your", "our", "their", "uh", "um", "uhm", "er", "erm", "hmm", "mm"),
+    )
+)
 
 
 class Transcriber(Protocol):
@@ -106,7 +120,8 @@ class LiveRequest:
             self._first_audio_at = time.monotonic()
         self._samples += len(audio)
         live = not self._faster_than_spoken()
-        for event in self._endpointer.feed(audio, may_end=live) if self._endpointer else ():
+        may_end = live and self._pause_text_known()
+        for event in self._endpointer.feed(audio, may_end=may_end) if self._endpointer else ():
             if event is SpeechEvent.PAUSE and live:
                 self._speculate()
             elif event is SpeechEvent.SPEECH:
@@ -137,6 +152,23 @@ class LiveRequest:
         self._drop_partial()
         self._drop_speculation()
 
+    def _pause_text_known(self) -> bool:
+        """Whether the text of the pause is in (or none is coming), so that the command may end.
+
+        The end waits for it: the transcript could not go out sooner anyway, and the text may show that the speaker
+        is mid-sentence. Once the silence is long enough to end the command, the text is what somebody waits for.
+        """
+        speculation = self._speculation
+        if speculation is None or speculation.done():
+            return True
+        assert self._endpointer is not None  # noqa: S101 - speculations start at the endpointer's pauses
+        if self._endpointer.silence_s >= self._endpointer.end_silence_s and self._speculation_urgency.background:
+            try:
+                self._service.promote(self._speculation_urgency)
+            except RequestError:  # a full queue: end now, and the final transcript reports it
+                return True
+        return False
+
     def _faster_than_spoken(self) -> bool:
         """The audio came from a buffer or a file: its end, and the final transcript, follow at once."""
         return self._samples / SAMPLE_RATE > _FASTER_THAN_SPOKEN * (time.monotonic() - self._first_audio_at)
@@ -151,6 +183,15 @@ class LiveRequest:
                 self._audio(), self._language, urgency=self._speculation_urgency, names=self._names
             )
         )
+        self._speculation.add_done_callback(self._hold_if_unfinished)
+
+    def _hold_if_unfinished(self, speculation: asyncio.Task[tuple[TranscriptResult, str]]) -> None:
+        """Wait longer for the end of a command whose text so far stops mid-sentence."""
+        if speculation is not self._speculation or speculation.cancelled() or speculation.exception() is not None:
+            return
+        result, _ = speculation.result()
+        if self._endpointer is not None and sounds_unfinished(result.text, result.language):
+            self._endpointer.hold_end(HESITATION_END_S)
 
     def _drop_speculation(self) -> None:
         if self._speculation is not None and not self._speculation.done():
@@ -192,3 +233,12 @@ class LiveRequest:
         if self._partial is not None and not self._partial.done():
             self._partial.cancel()
         self._partial = None
+
+
+def sounds_unfinished(text: str, language: str) -> bool:
+    """Whether a transcript stops mid-sentence: an open ending, or (English) a word no command ends on."""
+    text = text.strip()
+    if _OPEN_ENDING.search(text):
+        return True
+    words = re.findall(r"[\w']+", text.lower())
+    return language == "en" and bool(words) and words[-1] in _UNFINISHED_ENGLISH

@@ -336,7 +336,8 @@ SETTINGS: Mapping[str, SettingSpec] = _spec_table(
         default=0.5,
         minimum=0.2,
         maximum=5.0,
-        description="Silence after speech that ends a command; shorter pauses inside a sentence never do",
+        description="Silence after speech that ends a command; shorter pauses inside a sentence never do, and a "
+        "pause after which the text stops mid-sentence ('turn on the...') needs 1.5 s",
         runtime=True,
     ),
     SettingSpec(

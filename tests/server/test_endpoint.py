@@ -9,6 +9,7 @@ import pytest
 from faster_whisper.vad import get_vad_model
 from helpers.speech import Utterance, synthesize
 from whisper_gpu.endpoint import FRAME_SAMPLES, SAMPLE_RATE, Endpointer, EndpointSettings, SpeechEvent, StreamingVad
+from whisper_gpu.live import sounds_unfinished
 
 SETTINGS = EndpointSettings(threshold=0.5, min_speech_s=0.25, end_silence_s=0.5)
 # The VAD decides on 32 ms frames and needs a few of them to change its mind.
@@ -124,3 +125,66 @@ def test_streamed_probabilities_equal_those_of_the_whole_recording(speech_dir: P
     pieces = [vad(frames[start : start + 3]) for start in range(0, len(frames), 3)]
 
     np.testing.assert_array_equal(np.concatenate(pieces), get_vad_model()(frames.reshape(-1).copy()).reshape(-1))
+
+
+def test_a_held_pause_ends_the_command_only_after_the_longer_silence(speech_dir: Path) -> None:
+    """The text so far stopped mid-sentence ("turn on the..."): this pause needs the longer silence to end it."""
+    words = spoken("turn on the", speech_dir)
+    endpointer = Endpointer(SETTINGS)
+    assert [event for event, _ in stream(endpointer, np.concatenate((words, silence(0.25))))] == [
+        SpeechEvent.SPEECH,
+        SpeechEvent.PAUSE,
+    ]
+
+    endpointer.hold_end(1.5)
+    events = stream(endpointer, silence(2.0))
+
+    assert [event for event, _ in events] == [SpeechEvent.END]
+    assert 1.5 <= events[0][1] - endpointer.speech_end / SAMPLE_RATE <= 1.5 + 2 * 512 / SAMPLE_RATE
+
+
+def test_speech_that_resumes_lets_go_of_a_held_pause(speech_dir: Path) -> None:
+    endpointer = Endpointer(SETTINGS)
+    stream(endpointer, np.concatenate((spoken("turn on the", speech_dir), silence(0.25))))
+    endpointer.hold_end(1.5)
+
+    stream(endpointer, np.concatenate((silence(0.4), spoken("kitchen light", speech_dir))))
+    events = stream(endpointer, silence(1.0))
+
+    assert [event for event, _ in events][-1] is SpeechEvent.END
+    assert events[-1][1] - endpointer.speech_end / SAMPLE_RATE <= SETTINGS.end_silence_s + 2 * 512 / SAMPLE_RATE
+
+
+def test_silence_that_may_not_end_the_command_is_only_a_pause(speech_dir: Path) -> None:
+    """Audio sent faster than spoken: the silence is measured, and the end comes once the audio may end."""
+    endpointer = Endpointer(SETTINGS)
+    audio = np.concatenate((spoken("open the garage door", speech_dir), silence(1.0)))
+
+    held = [
+        event
+        for start in range(0, len(audio), 1024)
+        for event in endpointer.feed(audio[start : start + 1024], may_end=False)
+    ]
+
+    assert SpeechEvent.END not in held
+    assert endpointer.silence_s >= SETTINGS.end_silence_s
+    assert endpointer.feed(silence(0.064)) == [SpeechEvent.END]
+
+
+@pytest.mark.parametrize(
+    ("text", "language", "unfinished"),
+    [
+        ("Turn on the...", "en", True),
+        ("Turn on the", "en", True),
+        ("Set the heating to, uh", "en", True),
+        ("Turn off the lights,", "en", True),
+        ("Schalte das Licht im…", "de", True),
+        ("Turn on the kitchen light.", "en", False),
+        ("Turn the light on.", "en", False),
+        ("What time is it?", "en", False),
+        ("Schalte das Licht an.", "de", False),
+        ("", "en", False),
+    ],
+)
+def test_text_that_stops_mid_sentence_is_told_apart(text: str, language: str, unfinished: bool) -> None:
+    assert sounds_unfinished(text, language) is unfinished

@@ -143,6 +143,26 @@ async def test_a_pause_inside_a_command_does_not_cut_it(streaming_server: Server
     assert text.endswith("to blue"), f"the command was cut at the pause: {text!r}"
 
 
+async def test_a_speaker_who_stops_mid_sentence_is_given_longer(
+    streaming_server: ServerProcess, speech_dir: Path
+) -> None:
+    """'Turn off the lights in the', then silence longer than END_OF_SPEECH_S, then 'kitchen': the text at the pause
+    stops mid-sentence, so that pause needs the longer silence before it ends the command."""
+    speech = np.concatenate(
+        (
+            spoken("turn off the lights in the", speech_dir),
+            silence(END_OF_SPEECH_S + 0.4),
+            spoken("kitchen", speech_dir),
+        )
+    )
+
+    exchange = await stream_in_real_time(streaming_server.wyoming_port, speech)
+
+    text = normalize(exchange.transcript[1])
+    assert text.startswith("turn off"), text
+    assert text.endswith("lights in the kitchen"), f"the command ended at the pause: {text!r}"
+
+
 async def test_partial_text_arrives_before_the_final_text_and_leads_to_it(
     streaming_server: ServerProcess, speech_dir: Path
 ) -> None:
