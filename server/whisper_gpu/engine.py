@@ -69,8 +69,6 @@ _NEAR_REPEAT_SIMILARITY = 0.85
 _PIECES_PER_CALL = 16  # bounds the memory of one encoder call
 # A fitted window's decode less sure than this (mean log-probability per token) is checked in a wider window.
 _UNSURE_LOGPROB = -0.5
-_QUIET_SPEECH_THRESHOLD = 0.5  # of VAD_THRESHOLD, for audio in which nothing reached it
-_QUIET_SPEECH_UP_TO = 0.5  # VAD_THRESHOLD's default
 _SHORTENED_SILENCE_MS = 1000  # Silero's default, 2000, left pauses in which the decoder stopped
 _UNSURE_WIDENING = 2
 _FULL_FRAMES = round(FULL_WINDOW_S * _FRAMES_PER_SECOND)
@@ -239,25 +237,17 @@ def speech_pieces(audio: np.ndarray, options: DecodeOptions, window_s: float) ->
 
     Speech longer than the window is cut at its longest pause, so no word is split where a pause exists. Silences of
     a second or more inside the speech shrink to twice SPEECH_PAD_MS: after a longer one the decoder tended to end
-    the text, dropping what followed ("set the living room lights", 1.5 s, "to blue" lost "to blue"). Audio with no
-    speech at the threshold is searched again at half of it: Silero scores whispered speech at 0.3-0.7 for a few
-    frames only (recorded whispers came back empty), while hiss and hum stay near 0.1. Not above the default
-    threshold: whoever raised it asked for strictness (against a television, say).
+    the text, dropping what followed ("set the living room lights", 1.5 s, "to blue" lost "to blue").
     """
-    thresholds = [options.vad_threshold]
-    if options.vad_threshold <= _QUIET_SPEECH_UP_TO:
-        thresholds.append(options.vad_threshold * _QUIET_SPEECH_THRESHOLD)
-    for threshold in thresholds:
-        vad_options = VadOptions(
-            threshold=threshold,
-            min_speech_duration_ms=options.min_speech_duration_ms,
-            max_speech_duration_s=min(options.max_speech_duration_s, window_s),
-            speech_pad_ms=options.speech_pad_ms,
-            min_silence_duration_ms=_SHORTENED_SILENCE_MS,
-        )
-        if chunks := get_speech_timestamps(audio, vad_options):
-            break
-    else:
+    vad_options = VadOptions(
+        threshold=options.vad_threshold,
+        min_speech_duration_ms=options.min_speech_duration_ms,
+        max_speech_duration_s=min(options.max_speech_duration_s, window_s),
+        speech_pad_ms=options.speech_pad_ms,
+        min_silence_duration_ms=_SHORTENED_SILENCE_MS,
+    )
+    chunks = get_speech_timestamps(audio, vad_options)
+    if not chunks:
         return []
     pieces, _ = collect_chunks(audio, chunks, max_duration=window_s)
     return [piece for piece in pieces if len(piece)]
