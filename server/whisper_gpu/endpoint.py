@@ -107,6 +107,11 @@ class Endpointer:
         return self._silent_frames * FRAME_SECONDS
 
     @property
+    def silent_long_enough(self) -> bool:
+        """Speech was heard and the silence after it is long enough to end the command (whether or not it may)."""
+        return self.heard_speech and self.silence_s >= self.end_silence_s
+
+    @property
     def heard_speech(self) -> bool:
         """At least the minimum speech duration was heard."""
         return self.speech_seconds >= self._settings.min_speech_s
@@ -158,11 +163,10 @@ class Endpointer:
         self._silent_frames += 1
         if not self.heard_speech:
             return None
-        silent_s = self._silent_frames * FRAME_SECONDS
-        if may_end and silent_s >= self.end_silence_s:
+        if may_end and self.silent_long_enough:
             self.ended = True
             return SpeechEvent.END
-        if not self._paused and silent_s >= min(self._settings.pause_s, self._settings.end_silence_s / 2):
+        if not self._paused and self.silence_s >= min(self._settings.pause_s, self._settings.end_silence_s / 2):
             self._paused = True
             return SpeechEvent.PAUSE
         return None

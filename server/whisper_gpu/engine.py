@@ -69,8 +69,8 @@ _NEAR_REPEAT_SIMILARITY = 0.85
 _PIECES_PER_CALL = 16  # bounds the memory of one encoder call
 # A fitted window's decode less sure than this (mean log-probability per token) is checked in a wider window.
 _UNSURE_LOGPROB = -0.5
-_SHORTENED_SILENCE_MS = 1000  # Silero's default, 2000, left pauses in which the decoder stopped
 _UNSURE_WIDENING = 2
+_SHORTENED_SILENCE_MS = 1000  # Silero's default, 2000, left pauses in which the decoder stopped
 _FULL_FRAMES = round(FULL_WINDOW_S * _FRAMES_PER_SECOND)
 _HALF_PRECISION = ("float16", "bfloat16", "int8_float16", "int8_bfloat16")
 # CTranslate2 skips an unload while its worker threads still hold the model (just after a call returned); it is

@@ -162,7 +162,7 @@ class LiveRequest:
         if speculation is None or speculation.done():
             return True
         assert self._endpointer is not None  # noqa: S101 - speculations start at the endpointer's pauses
-        if self._endpointer.silence_s >= self._endpointer.end_silence_s and self._speculation_urgency.background:
+        if self._endpointer.silent_long_enough and self._speculation_urgency.background:
             try:
                 self._service.promote(self._speculation_urgency)
             except RequestError:  # a full queue: end now, and the final transcript reports it
