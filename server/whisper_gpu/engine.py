@@ -71,6 +71,15 @@ _PIECES_PER_CALL = 16  # bounds the memory of one encoder call
 _UNSURE_LOGPROB = -0.5
 _UNSURE_WIDENING = 2
 _SHORTENED_SILENCE_MS = 1000  # Silero's default, 2000, left pauses in which the decoder stopped
+# Audio in which Silero finds no speech is searched again at this fraction of VAD_THRESHOLD (not above its default):
+# it scores whispers at 0.3-0.7 for a few frames only. What that search finds stands only where Whisper agrees.
+_QUIET_SPEECH_THRESHOLD = 0.5
+_QUIET_SPEECH_UP_TO = 0.5
+# Whisper's own limits (faster-whisper's no_speech_threshold and log_prob_threshold): a quiet piece that Whisper
+# thinks likelier silence than speech, or whose words it is this unsure of, is noise. Recorded whispers decoded at
+# 0.01-0.18 and -0.1 to -0.3; pink noise that passed the lower threshold at 0.73-0.81 and -1.5 to -2.3.
+_NO_SPEECH_PROB = 0.6
+_NOISE_LOGPROB = -1.0
 _FULL_FRAMES = round(FULL_WINDOW_S * _FRAMES_PER_SECOND)
 _HALF_PRECISION = ("float16", "bfloat16", "int8_float16", "int8_bfloat16")
 # CTranslate2 skips an unload while its worker threads still hold the model (just after a call returned); it is
@@ -187,6 +196,8 @@ class _Request:
     """Tokens of the names that go before the speech (without the start-of-previous token)."""
     speller: NameSpeller | None = None
     echo: PromptEcho | None = None
+    quiet: bool = False
+    """Its speech was found only below VAD_THRESHOLD: a piece Whisper does not hear as speech is dropped."""
 
     @property
     def window_s(self) -> float:
@@ -232,15 +243,18 @@ class _Piece:
         return _TOKEN_MARGIN + math.ceil(_TOKENS_PER_SECOND * len(self.audio) / SAMPLE_RATE)
 
 
-def speech_pieces(audio: np.ndarray, options: DecodeOptions, window_s: float) -> list[np.ndarray]:
+def speech_pieces(
+    audio: np.ndarray, options: DecodeOptions, window_s: float, threshold: float | None = None
+) -> list[np.ndarray]:
     """The speech in the audio as Silero VAD finds it, joined into pieces no longer than the window.
 
     Speech longer than the window is cut at its longest pause, so no word is split where a pause exists. Silences of
     a second or more inside the speech shrink to twice SPEECH_PAD_MS: after a longer one the decoder tended to end
     the text, dropping what followed ("set the living room lights", 1.5 s, "to blue" lost "to blue").
+    `threshold` replaces VAD_THRESHOLD.
     """
     vad_options = VadOptions(
-        threshold=options.vad_threshold,
+        threshold=options.vad_threshold if threshold is None else threshold,
         min_speech_duration_ms=options.min_speech_duration_ms,
         max_speech_duration_s=min(options.max_speech_duration_s, window_s),
         speech_pad_ms=options.speech_pad_ms,
@@ -548,6 +562,11 @@ class WhisperEngine:
             request.prompt, request.speller, request.echo = self._name_plan(options.names)
         window_s = request.window_s
         speech = speech_pieces(audio, options, window_s) if vad else [audio[: int(window_s * SAMPLE_RATE)]]
+        if not speech and vad and options.vad_threshold <= _QUIET_SPEECH_UP_TO:
+            # Whispered speech, which Silero scores low; not when VAD_THRESHOLD was raised, which asks for strictness
+            # (against a television, say).
+            speech = speech_pieces(audio, options, window_s, options.vad_threshold * _QUIET_SPEECH_THRESHOLD)
+            request.quiet = bool(speech)
         request.pieces = [_Piece(request, piece, request.fitted_frames) for piece in speech]
         request.stages["vad"] = time.perf_counter() - started
         return request
@@ -604,13 +623,16 @@ class WhisperEngine:
             suppress_blank=True,
             suppress_tokens=self._suppressed,
             return_scores=True,
+            return_no_speech_prob=True,
         )
         for piece, result, cap in zip(pieces, results, caps, strict=True):
             tokens = result.sequences_ids[0]
             piece.text = self._tokenizer(piece.request.language or "en").decode(tokens).strip()
             logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
             looped = looks_looped(tokens, piece.text, cap)
-            if piece.names_prompt and piece.request.echo and piece.request.echo(piece.text):
+            if piece.request.quiet and (result.no_speech_prob > _NO_SPEECH_PROB or logprob < _NOISE_LOGPROB):
+                piece.text, piece.recheck_frames = "", 0  # noise that passed the lower threshold
+            elif piece.names_prompt and piece.request.echo and piece.request.echo(piece.text):
                 piece.recheck_frames, piece.prompt = frames, []  # the names misled it: again, without them
             elif looped and frames < _FULL_FRAMES:
                 piece.recheck_frames = _FULL_FRAMES

@@ -7,6 +7,8 @@ the window policy must not change, and the order in which the queue starts work.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import subprocess
 import wave
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,13 +124,18 @@ def test_fitted_window_is_as_accurate_as_the_full_window(base: WhisperEngine, co
     assert [fitted[i] for i in clear] == [full[i] for i in clear] == [references[i] for i in clear]
 
 
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> list[Utterance]:
+    return recorded_set(tmp_path_factory.mktemp("recorded"))
+
+
 def test_fitted_window_is_as_accurate_as_the_full_window_on_recorded_speech(
-    base: WhisperEngine, tmp_path_factory: pytest.TempPathFactory
+    base: WhisperEngine, recorded: list[Utterance]
 ) -> None:
     """The same comparison on people's voices (tests/data/recorded): breathy, creaky, whispered, with fillers and
     pauses, 1-14 s. Over the whole set the fitted window may not miss more words than the full one.
     """
-    clips = recorded_set(tmp_path_factory.mktemp("recorded"))
+    clips = recorded
     references = [normalize(u.text) for u in clips]
     audio = [samples(u) for u in clips]
     full = [normalize(base.transcribe(a, options(FULL_WINDOW_S)).text) or "-" for a in audio]
@@ -136,6 +143,31 @@ def test_fitted_window_is_as_accurate_as_the_full_window_on_recorded_speech(
     assert jiwer.wer(references, fitted) <= jiwer.wer(references, full), [
         (reference, f, g) for reference, f, g in zip(references, full, fitted, strict=True) if f != g
     ]
+
+
+def test_whispered_speech_is_heard_and_noise_is_not(
+    base: WhisperEngine, recorded: list[Utterance], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Recorded whispers, which Silero scores below VAD_THRESHOLD, come back as text; hiss, rumble and hum of the
+    same loudness or louder stay empty (noise that passes the lower threshold is what Whisper itself calls silence).
+    """
+    clips = {u.path.stem: u for u in recorded}
+    for name in ("whisper", "whisper2"):
+        reference = normalize(clips[name].text)
+        heard = normalize(base.transcribe(samples(clips[name]), options(DEFAULT_WINDOW_S)).text)
+        assert jiwer.wer(reference, heard or "-") <= 0.25, (reference, heard)
+    noise_dir = tmp_path_factory.mktemp("noise")
+    for effect, volume, take in itertools.product(
+        (["pinknoise"], ["whitenoise"], ["brownnoise"], ["sine", "50"]), ("0.3", "0.6"), range(3)
+    ):
+        path = noise_dir / f"{effect[0]}-{volume}-{take}.wav"
+        subprocess.run(
+            ["sox", "-n", "-r", "16000", "-c", "1", "-b", "16", str(path), "synth", "5", *effect, "vol", volume],
+            check=True,
+            capture_output=True,
+        )
+        noise = samples(Utterance("", path, clear=False))
+        assert base.transcribe(noise, options(DEFAULT_WINDOW_S)).text == "", path.name
 
 
 def test_words_after_a_pause_are_kept(base: WhisperEngine, speech_dir: Path) -> None:
