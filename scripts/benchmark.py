@@ -38,6 +38,7 @@ from whisper_normalizer.english import EnglishTextNormalizer
 
 VOICES = ("en-us+f2", "en-gb+m3", "en-us+m7")
 SYNTHETIC, RECORDED = "espeak-ng", "recorded"
+ALL = "both sets"  # one word error rate over every utterance
 CONCURRENCY = (4, 8, 16)
 normalize = EnglishTextNormalizer()
 
@@ -104,8 +105,8 @@ async def drive(
         figures.single.append(latency)
     after_single()
     figures.rtf = statistics.median(lat / 1000 / clip.seconds for lat, clip in zip(figures.single, clips, strict=True))
-    for kind in (SYNTHETIC, RECORDED):
-        pairs = [(c.text, t) for c, t in zip(clips, figures.texts, strict=True) if c.kind == kind]
+    for kind in (SYNTHETIC, RECORDED, ALL):
+        pairs = [(c.text, t) for c, t in zip(clips, figures.texts, strict=True) if kind in (c.kind, ALL)]
         if pairs:
             figures.wer[kind] = jiwer.wer([normalize(ref) for ref, _ in pairs], [normalize(t) or "-" for _, t in pairs])
     for clients in CONCURRENCY:
@@ -218,7 +219,7 @@ def table(ours: Figures, peer: Figures) -> str:
         row(f"{clients} clients throughput (req/s)", a["requests_per_s"], b["requests_per_s"])
     row("real-time factor (p50)", round(ours.rtf, 3), round(peer.rtf, 3))
     row("peak resident memory (MB)", round(ours.peak_rss_mb), round(peer.peak_rss_mb))
-    for kind in (k for k in (SYNTHETIC, RECORDED) if k in ours.wer or k in peer.wer):
+    for kind in (k for k in (SYNTHETIC, RECORDED, ALL) if k in ours.wer or k in peer.wer):
         row(f"word error rate, {kind}", round(ours.wer.get(kind, 0), 4), round(peer.wer.get(kind, 0), 4))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)) for r in rows]
