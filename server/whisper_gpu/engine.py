@@ -319,7 +319,9 @@ def select_names(names: Sequence[str], encode: Callable[[str], list[int]], budge
     """The names as prompt tokens, as many as fit the budget: ", "-separated and ending with a full stop.
 
     The full stop makes the prompt read like a finished sentence before the speech: without it, base heard more of
-    the ordinary commands wrong (the test set of bench/run --names).
+    the ordinary commands wrong (the test set of bench/run --names). So do capitals: a list of names in title case
+    made base write ordinary commands as names ("Got Height" for "good night"), so the words the tokenizer knows go
+    in lower case ("Grünewald lamp"); the speller restores the home's spelling of the names it knows.
 
     Names with a word the tokenizer does not know as one token (Grünewald, Kaia) go first, in the order given:
     Whisper spells common words (Kitchen Light) right without help. A name that does not fit is skipped, so one
@@ -331,7 +333,7 @@ def select_names(names: Sequence[str], encode: Callable[[str], list[int]], budge
     seen: set[str] = set()
     for name in ranked:
         key = name.casefold()
-        piece = [*(separator if selected else ()), *encode(" " + name)]
+        piece = [*(separator if selected else ()), *encode(" " + _prompt_form(name, encode))]
         if key in seen or len(selected) + len(piece) + len(stop) > budget:
             continue
         seen.add(key)
@@ -341,7 +343,16 @@ def select_names(names: Sequence[str], encode: Callable[[str], list[int]], budge
 
 def is_unusual(name: str, encode: Callable[[str], list[int]]) -> bool:
     """Whether a name has a word the tokenizer does not know as one token (a word Whisper may not spell right)."""
-    return any(len(encode(" " + word)) > 1 for word in name.lower().replace("'s", "").split())
+    return any(_is_unusual_word(word, encode) for word in name.split())
+
+
+def _is_unusual_word(word: str, encode: Callable[[str], list[int]]) -> bool:
+    return len(encode(" " + word.lower().replace("'s", ""))) > 1
+
+
+def _prompt_form(name: str, encode: Callable[[str], list[int]]) -> str:
+    """The name as the prompt writes it: its unusual words as spelled, the others in lower case."""
+    return " ".join(word if _is_unusual_word(word, encode) else word.lower() for word in name.split())
 
 
 def weight_copies(device: Device, cpu_threads: CpuThreads) -> int:
