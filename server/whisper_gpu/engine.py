@@ -75,9 +75,10 @@ _SHORTENED_SILENCE_MS = 1000  # Silero's default, 2000, left pauses in which the
 # it scores whispers at 0.3-0.7 for a few frames only. What that search finds stands only where Whisper agrees.
 _QUIET_SPEECH_THRESHOLD = 0.5
 _QUIET_SPEECH_UP_TO = 0.5
-# Whisper's own limits (faster-whisper's no_speech_threshold and log_prob_threshold): a quiet piece that Whisper
-# thinks likelier silence than speech, or whose words it is this unsure of, is noise. Recorded whispers decoded at
-# 0.01-0.18 and -0.1 to -0.3; pink noise that passed the lower threshold at 0.73-0.81 and -1.5 to -2.3.
+# Whisper's own limits (faster-whisper's no_speech_threshold and log_prob_threshold): a piece that Whisper thinks
+# likelier silence than speech and whose words it is this unsure of is noise (loud hiss came back as "you."); a
+# quiet piece is noise on either count. Recorded whispers decoded at 0.01-0.18 and -0.1 to -0.3; pink noise that
+# passed the lower threshold at 0.65-0.81 and -1.4 to -2.4.
 _NO_SPEECH_PROB = 0.6
 _NOISE_LOGPROB = -1.0
 _FULL_FRAMES = round(FULL_WINDOW_S * _FRAMES_PER_SECOND)
@@ -641,8 +642,9 @@ class WhisperEngine:
             piece.text = self._tokenizer(piece.request.language or "en").decode(tokens).strip()
             logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
             looped = looks_looped(tokens, piece.text, cap)
-            if piece.request.quiet and (result.no_speech_prob > _NO_SPEECH_PROB or logprob < _NOISE_LOGPROB):
-                piece.text, piece.recheck_frames = "", 0  # noise that passed the lower threshold
+            silent, unsure = result.no_speech_prob > _NO_SPEECH_PROB, logprob < _NOISE_LOGPROB
+            if (silent or unsure) if piece.request.quiet else (silent and unsure):
+                piece.text, piece.recheck_frames = "", 0  # noise, not speech
             elif piece.names_prompt and piece.request.echo and piece.request.echo(piece.text):
                 piece.recheck_frames, piece.prompt = frames, []  # the names misled it: again, without them
             elif looped and frames < _FULL_FRAMES:
