@@ -644,7 +644,7 @@ class WhisperEngine:
             looped = looks_looped(tokens, piece.text, cap)
             silent, unsure = result.no_speech_prob > _NO_SPEECH_PROB, logprob < _NOISE_LOGPROB
             if (silent or unsure) if piece.request.quiet else (silent and unsure):
-                piece.text, piece.recheck_frames = "", 0  # noise, not speech
+                piece.text = ""  # noise, not speech (recheck_frames is still 0: nothing is decoded again)
             elif piece.names_prompt and piece.request.echo and piece.request.echo(piece.text):
                 piece.recheck_frames, piece.prompt = frames, []  # the names misled it: again, without them
             elif looped and frames < _FULL_FRAMES:
