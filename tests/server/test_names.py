@@ -196,6 +196,7 @@ def test_ordinary_commands_are_left_alone(tiny: WhisperEngine) -> None:
         assert speller.spell(text).casefold() == text.casefold()
     for text in ("turn off the cool shrank", "Kim Kim is light.", "Turn on the trot free moe.", "turn on the fan"):
         assert speller.spell(text) == text
+    assert speller.spell("Vimper bedroom light, Oosterhout 50%").endswith("50%"), "a number is not part of a name"
     assert not NameSpeller(["Fan", "TV"]), "too short to compare"
 
 
@@ -204,6 +205,10 @@ def test_the_names_closest_to_a_first_hearing_are_found(tiny: WhisperEngine) -> 
     speller = home_speller(tiny)
     assert "Järvinen Heater" in speller.closest("Shit, my arm I don't need her to 20 degrees.", 4)
     assert "Väinämöinen Speaker" in speller.closest("Play music on the meaner mind and speaker.", 4)
+    assert speller.closest("Turn on the trot free moe.", 4)[0] == "Tradfri Bulb", (
+        "it sounds alike, though spelled unlike"
+    )
+    assert speller.closest("Turn off the rebels' key, though.", 4)[0] == "Wróblewski Heater"
     assert speller.closest("", 4) == []
 
 
