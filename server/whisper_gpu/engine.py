@@ -708,7 +708,7 @@ class WhisperEngine:
             self._name_plans[names] = (
                 select_names(names, encode, NAME_PROMPT_TOKENS),
                 NameSpeller(name for name in names if is_unusual(name, encode)),
-                PromptEcho(names),
+                PromptEcho(names, lambda word: is_unusual(word, encode)),
             )
         return self._name_plans[names]
 

@@ -12,11 +12,10 @@ model wrote a name it has never seen as English words ("trot free" for "Tradfri"
 
 from __future__ import annotations
 
-import itertools
 import re
 import unicodedata
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import jellyfish
 from rapidfuzz import fuzz, process
@@ -141,32 +140,31 @@ class PromptEcho:
     """Tells a decode that repeats the names of its prompt from one that uses them.
 
     Given names, Whisper sometimes writes unclear speech as names of its prompt: nothing but their words ("Järvinen
-    Heater" for "turn on the fan"), or in the prompt's form, a list ("Shit, Thermostat, Kotatsu, 21 degrees." for
-    "set the thermostat to twenty one degrees"; "Dimper bedroom light, Oosterhout Light 50%" for "dim the bedroom
-    lights to fifty percent"). A command rarely has a comma beside a name, and more rarely between two.
+    Heater" for "turn on the fan"), or in the prompt's form, a name right after a comma ("Shit, Thermostat, Kotatsu,
+    21 degrees." for "set the thermostat to twenty one degrees"; "Dimper bedroom light, Oosterhout 50%" for "dim the
+    bedroom lights to fifty percent"). A spoken command rarely puts a name right after a comma.
     """
 
-    def __init__(self, names: Iterable[str]) -> None:
-        self._names = frozenset(tuple(_word_key(word) for word in name.split()) for name in names)
+    def __init__(self, names: Iterable[str], distinctive: Callable[[str], bool]) -> None:
+        """`distinctive` tells a word that marks its name on its own (Oosterhout, not Living) from one that does not."""
+        spellings = [name.split() for name in names]
+        self._names = frozenset(tuple(map(_word_key, words)) for words in spellings if words)
         self._words = frozenset(word for name in self._names for word in name)
         self._longest = max(map(len, self._names), default=0)
+        self._first_words = frozenset(_word_key(words[0]) for words in spellings if words and distinctive(words[0]))
 
     def __call__(self, text: str) -> bool:
-        """Whether the text is made of nothing but words of the names, or lists some between commas."""
+        """Whether the text is made of nothing but words of the names, or has a name right after a comma."""
         clauses = [[key for key in map(_word_key, clause.split()) if key] for clause in text.split(",")]
         if any(keys and all(key in self._words for key in keys) for keys in clauses):
             return True
-        return any(
-            self._has_name(before, at_end=True) and self._has_name(after, at_end=False)
-            for before, after in itertools.pairwise(clauses)
-        )
+        return any(keys and self._starts_with_name(keys) for keys in clauses[1:])
 
-    def _has_name(self, keys: list[str], *, at_end: bool) -> bool:
-        """Whether the words end (`at_end`) or start with a whole name."""
-        return any(
-            tuple(keys[-size:] if at_end else keys[:size]) in self._names
-            for size in range(1, min(self._longest, len(keys)) + 1)
-        )
+    def _starts_with_name(self, keys: list[str]) -> bool:
+        """Whether the words start with a whole name, or with the first word of a name that marks it on its own."""
+        if keys[0] in self._first_words:
+            return True
+        return any(tuple(keys[:size]) in self._names for size in range(1, min(self._longest, len(keys)) + 1))
 
 
 def _has_digit(text: str) -> bool:
