@@ -3,7 +3,8 @@
 Every clip is sent twice over Wyoming to one server, once with the home's names and once without, in alternating
 order so that a busy machine slows both alike. Clips: the commands with unusual names of tests/data/names.json
 (names from German, Finnish, Dutch, Irish, Japanese and Polish, spoken by espeak-ng in English voices, as a user
-says them) and the ordinary commands of the test suite. Prints, both ways:
+says them), the ordinary commands of the test suite, and the recorded speech of tests/data/recorded (people, not
+commands: what the names do to other speech). Prints, both ways:
 
 - the name error rate: the words of the names in a command that the transcript does not contain, spelled as the
   home spells them (case aside, accents counted);
@@ -33,7 +34,7 @@ from whisper_normalizer.english import EnglishTextNormalizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers.server import ServerProcess, timed_transcript
-from helpers.speech import COMMANDS, Utterance, synthesize
+from helpers.speech import COMMANDS, Utterance, recorded_set, synthesize
 
 TEST_SET = Path(__file__).resolve().parents[1] / "tests" / "data" / "names.json"
 VOICES = ("en-us+f2", "en-gb+m3", "en-us+m7")
@@ -115,8 +116,8 @@ async def measure(port: int, server: ServerProcess, clips: list[Clip], home: lis
     return {"without": without, "with": with_names, "redone": redone}
 
 
-def load_clips(directory: Path, voices: tuple[str, ...]) -> tuple[list[str], list[Clip], list[Clip]]:
-    """The home's names, the commands with names, and the ordinary commands, in every voice."""
+def load_clips(directory: Path, voices: tuple[str, ...]) -> tuple[list[str], list[Clip], list[Clip], list[Clip]]:
+    """The home's names, the commands with names and the ordinary commands in every voice, and recorded speech."""
     test_set = json.loads(TEST_SET.read_text(encoding="utf-8"))
 
     def spoken(text: str, say: str, names: tuple[str, ...], voice: str) -> Clip:
@@ -129,7 +130,8 @@ def load_clips(directory: Path, voices: tuple[str, ...]) -> tuple[list[str], lis
         for command in test_set["commands"]
     ]
     ordinary = [spoken(text, text, (), voice) for voice in voices for text, _ in COMMANDS]
-    return test_set["home"], named, ordinary
+    recorded = [Clip(clip.text, (), clip.pcm()[0]) for clip in recorded_set(directory / "recorded")]
+    return test_set["home"], named, ordinary, recorded
 
 
 def report(label: str, clips: list[Clip], runs: dict[str, Any], home: list[str]) -> dict[str, Any]:
@@ -174,7 +176,7 @@ async def main() -> None:
     voices = VOICES[:1] if args.quick else VOICES
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        home, named, ordinary = load_clips(root / "speech", voices)
+        home, named, ordinary, recorded = load_clips(root / "speech", voices)
         server_args = [
             "--compute-type", "int8", "--beam-size", "5", "--cpu-threads", str(args.threads),
             "--device", "cpu", "--language", "en", "--partial-interval-s", "0", "--no-endpointing",
@@ -191,6 +193,12 @@ async def main() -> None:
                 ),
                 "ordinary": report(
                     "ordinary commands", ordinary, await measure(server.wyoming_port, server, ordinary, home), home
+                ),
+                "recorded": report(
+                    "recorded speech (not commands)",
+                    recorded,
+                    await measure(server.wyoming_port, server, recorded, home),
+                    home,
                 ),
             }
         finally:

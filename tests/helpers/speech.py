@@ -67,7 +67,11 @@ def require_tools() -> None:
 def synthesize(
     text: str, directory: Path, *, rate: int = 16_000, channels: int = 1, width: int = 2, voice: str = VOICE
 ) -> Path:
-    """Speak text into a WAV of the given format (cached by content)."""
+    """Speak text into a WAV of the given format (cached by content).
+
+    sox dithers when it resamples; `-R` seeds the dither, so the same text makes the same samples in every run and
+    two runs of a benchmark hear the same audio.
+    """
     require_tools()
     key = hashlib.sha256(f"{voice}|{WORDS_PER_MINUTE}|{text}|{rate}|{channels}|{width}".encode()).hexdigest()[:16]
     target = directory / f"{key}.wav"
@@ -79,7 +83,7 @@ def synthesize(
         ["espeak-ng", "-v", voice, "-s", str(WORDS_PER_MINUTE), "-w", str(raw), text], check=True, capture_output=True
     )
     subprocess.run(
-        ["sox", str(raw), "-r", str(rate), "-c", str(channels), "-b", str(width * 8), str(target)],
+        ["sox", "-R", str(raw), "-r", str(rate), "-c", str(channels), "-b", str(width * 8), str(target)],
         check=True,
         capture_output=True,
     )
@@ -93,6 +97,7 @@ def raw_pcm(path: Path, *, rate: int, channels: int, width: int) -> bytes:
     result = subprocess.run(
         [
             "sox",
+            "-R",
             str(path),
             "-t",
             "raw",
@@ -133,7 +138,7 @@ def recorded_set(directory: Path) -> list[Utterance]:
         if not target.is_file():
             require_tools()
             subprocess.run(
-                ["sox", str(RECORDED / name), "-r", "16000", "-c", "1", "-b", "16", str(target)],
+                ["sox", "-R", str(RECORDED / name), "-r", "16000", "-c", "1", "-b", "16", str(target)],
                 check=True,
                 capture_output=True,
             )
