@@ -13,9 +13,11 @@ faster-whisper does it, in the full 30 s window; one whose decode is unsure is c
 on the benchmark's commands brought its error rate below the full window's at a third of the full window's cost. With
 `LANGUAGE=auto` the language is detected from the encoder output already computed.
 
-Names a request brings (of the speaker's home) become the decoder's prompt, the text before the speech, and the
-transcript's near-misses of them are spelled as the names (names.py). A decode that merely repeats the prompt's
-names is done again without them: given names, unclear speech tends to come out as a list of them.
+Names a request brings (of the speaker's home) become the decoder's prompt, the text before the speech, where the
+decode without them was unsure: a sure decode stands as it is, since a list of names before clear speech changed more
+ordinary words than names. The transcript's near-misses of the names are spelled as the names (names.py). A decode
+that merely repeats the prompt's names is done again without them: given names, unclear speech tends to come out as
+a list of them.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ _UNLOAD_PATIENCE_S = 5.0
 # 160 ms with 128; 64 halved the word error rate of commands with names (bench/run --names).
 NAME_PROMPT_TOKENS = 64
 _CLOSEST_NAMES = 4  # names like what the first decode heard, put first in the redo's prompt
-_NAME_PLANS_KEPT = 64  # lists of names whose prompt and speller are kept (one per home, as a rule)
+_NAME_PLANS_KEPT = 64  # lists of names whose speller and echo check are kept (one per home, as a rule)
 
 
 ResultCallback = Callable[[int, "TranscriptResult"], None]
@@ -193,9 +195,8 @@ class _Request:
     stages: dict[str, float]
     pieces: list[_Piece] = field(default_factory=list)
     language: str | None = None
-    prompt: list[int] = field(default_factory=list)
-    """Tokens of the names that go before the speech (without the start-of-previous token)."""
     speller: NameSpeller | None = None
+    """Set when the request brings names with a word the model does not know: those its decodes may need."""
     echo: PromptEcho | None = None
     quiet: bool = False
     """Its speech was found only below VAD_THRESHOLD: a piece Whisper does not hear as speech is dropped."""
@@ -233,11 +234,16 @@ class _Piece:
     recheck_frames: int = 0  # decode again in this wider window; 0 when the text stands
     loops_in_full_window: bool = False
     redone: bool = False
-    prompt: list[int] | None = None  # for the redo: the names closest to what the first decode heard
+    prompt: list[int] | None = None  # None until names were tried: then their tokens, or [] when they misled it
 
     @property
     def names_prompt(self) -> list[int]:
-        return self.request.prompt if self.prompt is None else self.prompt
+        return self.prompt or []
+
+    @property
+    def may_need_names(self) -> bool:
+        """Whether the request's names have not been tried on this piece yet."""
+        return self.prompt is None and bool(self.request.speller)
 
     @property
     def token_cap(self) -> int:
@@ -431,7 +437,7 @@ class WhisperEngine:
         self.languages: list[str] = sorted(_LANGUAGE_CODES) if self.multilingual else ["en"]
         self._tokenizers: dict[str, Tokenizer] = {}
         self._suppressed = list(get_suppressed_tokens(self._tokenizer("en"), (-1,)) or ())
-        self._name_plans: dict[tuple[str, ...], tuple[list[int], NameSpeller, PromptEcho]] = {}
+        self._name_plans: dict[tuple[str, ...], tuple[NameSpeller, PromptEcho]] = {}
         self.load_seconds = time.monotonic() - started
 
     def warm_up(self, window_s: float = DEFAULT_WINDOW_S) -> None:
@@ -571,7 +577,7 @@ class WhisperEngine:
         request = _Request(len(audio) / SAMPLE_RATE, options, dict.fromkeys(STAGES, 0.0))
         request.language = options.language if self.multilingual else "en"
         if options.names:
-            request.prompt, request.speller, request.echo = self._name_plan(options.names)
+            request.speller, request.echo = self._name_plan(options.names)
         window_s = request.window_s
         speech = speech_pieces(audio, options, window_s) if vad else [audio[: int(window_s * SAMPLE_RATE)]]
         if not speech and vad and options.vad_threshold <= _QUIET_SPEECH_UP_TO:
@@ -586,7 +592,7 @@ class WhisperEngine:
     def _redo(self, requests: list[_Request]) -> None:
         """Decode again what looped (in the full window) or was unsure (in a wider one).
 
-        With names, the first redo's prompt leads with the names closest to what was heard; a piece that loops even
+        With names, the first redo brings them, led by the names closest to what was heard; a piece that loops even
         in the full window is decoded once more without them, and what loops then gets faster-whisper's temperature
         fallback. A piece that repeats the names of its prompt is decoded again without them, in the same window.
         """
@@ -594,8 +600,8 @@ class WhisperEngine:
         while pending := [piece for piece in pieces if piece.recheck_frames]:
             started = time.perf_counter()
             for piece in pending:
-                if piece.prompt is None and piece.request.speller:
-                    piece.prompt = self._closer_prompt(piece.request, piece.text)
+                if piece.may_need_names:
+                    piece.prompt = self._names_prompt(piece.request, piece.text)
                 piece.window_frames, piece.recheck_frames, piece.redone = piece.recheck_frames, 0, True
             self._decode_grouped(pending, stage="fallback")
             _LOGGER.debug(
@@ -653,8 +659,10 @@ class WhisperEngine:
                 piece.recheck_frames, piece.prompt = _FULL_FRAMES, []  # once more, without names
             elif looped:
                 piece.loops_in_full_window = True
-            elif frames == piece.request.fitted_frames < _FULL_FRAMES and logprob < _UNSURE_LOGPROB:
-                piece.recheck_frames = min(frames * _UNSURE_WIDENING, _FULL_FRAMES)
+            elif logprob < _UNSURE_LOGPROB and (
+                frames == piece.request.fitted_frames < _FULL_FRAMES or piece.may_need_names
+            ):
+                piece.recheck_frames = min(frames * _UNSURE_WIDENING, _FULL_FRAMES)  # with the names, if any
         finished = time.perf_counter()
         return {"features": featured - started, "encoder": encoded_at - featured, "decoder": finished - encoded_at}
 
@@ -687,17 +695,17 @@ class WhisperEngine:
         piece.redone = True
         request.stages["fallback"] += time.perf_counter() - started
 
-    def _closer_prompt(self, request: _Request, heard: str) -> list[int]:
+    def _names_prompt(self, request: _Request, heard: str) -> list[int]:
         """The prompt for a redo: the names most like what the first decode heard first, then the usual ones.
 
-        Names that did not fit the prompt get their chance where the first decode heard something like them.
+        Names that do not fit the prompt get their chance where the first decode heard something like them.
         """
         assert request.speller is not None  # noqa: S101 - only requests with names have a speller
         closest = request.speller.closest(heard, _CLOSEST_NAMES)
         return select_names([*closest, *request.options.names], self._tokenizer("en").encode, NAME_PROMPT_TOKENS)
 
-    def _name_plan(self, names: tuple[str, ...]) -> tuple[list[int], NameSpeller, PromptEcho]:
-        """The prompt tokens of a list of names, the speller of its unusual names, and the echo check of its prompt.
+    def _name_plan(self, names: tuple[str, ...]) -> tuple[NameSpeller, PromptEcho]:
+        """The speller of a list of names' unusual names, and the check for a decode that echoes them.
 
         A client sends the same list with every request, so they are kept.
         """
@@ -706,7 +714,6 @@ class WhisperEngine:
                 self._name_plans.clear()
             encode = self._tokenizer("en").encode
             self._name_plans[names] = (
-                select_names(names, encode, NAME_PROMPT_TOKENS),
                 NameSpeller(name for name in names if is_unusual(name, encode)),
                 PromptEcho(names, lambda word: is_unusual(word, encode)),
             )

@@ -160,6 +160,29 @@ def test_batched_with_different_names_gives_the_same_text_as_one_by_one(tiny: Wh
     assert "Kühlschrank" in alone[1], "the names took effect"
 
 
+def test_names_leave_a_clearly_heard_command_as_it_was(tiny: WhisperEngine, commands: list[Utterance]) -> None:
+    """A command the model hears surely without names comes back with the same words with them (a name's capitals
+    aside: "Set the Thermostat" is the home's spelling).
+
+    The names come in only where a decode without them is unsure (it is decoded again, with them); a sure decode is
+    not redone. The unsure ones must exist too, or the names would never be used.
+    """
+    options = DecodeOptions("en", 5, 0.5, 250, 30.0, 400, window_s=10.0)
+    sure = unsure = 0
+    for command in commands:
+        audio = samples(command.pcm()[0])
+        plain = tiny.transcribe(audio, options)
+        with_names = tiny.transcribe(audio, dataclasses.replace(options, names=tuple(HOME)))
+        if plain.fallbacks:
+            unsure += 1
+        else:
+            sure += 1
+            assert with_names.text.casefold() == plain.text.casefold(), command.text
+            assert not with_names.fallbacks, "not decoded again"
+    assert sure, "no command was heard surely"
+    assert unsure, "no command was decoded again: the names would never be used"
+
+
 def test_the_prompt_keeps_to_its_budget_unusual_names_first_without_repeats(tiny: WhisperEngine) -> None:
     tokenizer = tiny._tokenizer("en")
     tokens = select_names(["Kitchen Light", "kaia's room", *HOME, "Kaia's Room"], tokenizer.encode, 64)
