@@ -74,7 +74,7 @@ _UNSURE_LOGPROB = -0.5
 _UNSURE_WIDENING = 2
 # A request's names are tried (in the same window) where its decode without them is less sure than this. On the test
 # set of bench/run --names (base, same audio): at -0.5 commands with names had 0.52x of their error rate without
-# names; at -0.4 0.47x, ordinary commands 0.91x, their median time the same, their mean +14%; -0.3 gave 0.39x but
+# names; at -0.4 0.47x, ordinary commands 0.91x, their median time the same, their mean +10%; -0.3 gave 0.39x but
 # decoded half of the ordinary commands twice (+60% median time).
 _UNSURE_WITHOUT_NAMES_LOGPROB = -0.4
 _SHORTENED_SILENCE_MS = 1000  # Silero's default, 2000, left pauses in which the decoder stopped
