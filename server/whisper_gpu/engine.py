@@ -236,7 +236,7 @@ class _Piece:
     audio: np.ndarray
     window_frames: int
     text: str = ""
-    recheck_frames: int = 0  # decode again in this wider window; 0 when the text stands
+    recheck_frames: int = 0  # decode again in this window (wider, or the same with names); 0 when the text stands
     loops_in_full_window: bool = False
     redone: bool = False
     prompt: list[int] | None = None  # None until names were tried: then their tokens, or [] when they misled it
@@ -597,7 +597,7 @@ class WhisperEngine:
         return request
 
     def _redo(self, requests: list[_Request]) -> None:
-        """Decode again what looped (in the full window) or was unsure (in a wider one).
+        """Decode again what looped (in the full window), was unsure (in a wider one) or may need names (the same).
 
         With names, the first redo brings them, led by the names closest to what was heard; a piece that loops even
         in the full window is decoded once more without them, and what loops then gets faster-whisper's temperature
