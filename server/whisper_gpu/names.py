@@ -49,7 +49,7 @@ def letters(text: str) -> str:
 
 def sounds(words: Iterable[str]) -> str:
     """The words' sounds as English spelling suggests them: their Metaphone keys, joined."""
-    return "".join(jellyfish.metaphone(letters(_POSSESSIVE.sub("", word))) for word in words)
+    return "".join(jellyfish.metaphone(_word_key(word)) for word in words)
 
 
 class NameSpeller:
